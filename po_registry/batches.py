@@ -1,0 +1,94 @@
+"""What the hooks see: the global rollout batch on the reward side, the local micro-batch on the trajectory side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .ops import masked_sum
+
+
+def _ignore_metric(name: str, value: float) -> None:
+    return None
+
+
+@dataclass
+class RewardBatch:
+    """The globally gathered generation batch, as the reward-side hooks see it.
+
+    Rows are grouped: rows ``g * G ... g * G + G - 1`` are the G completions of prompt ``g``."""
+
+    reward_names: list[str]
+    reward_weights: torch.Tensor  # (K,)
+    group_size: int  # G
+    completion_lengths: torch.Tensor  # (N,) long: completion tokens, EOS included
+    truncated: torch.Tensor  # (N,) bool: the completion hit the length cap without EOS
+    max_completion_length: int
+    options: Mapping[str, Any]
+    args: Any  # the trainer's PolicyOptimizationConfig (TRL's GRPOConfig fields)
+    step: int = 0
+    training: bool = True
+    process_index: int = 0
+    num_processes: int = 1
+    completion_mask: torch.Tensor | None = None  # (N, T) float loss mask; set for the advantage stage
+    token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins, or None
+    local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (token_rewards stage)
+    log_metric: Callable[[str, float], None] = _ignore_metric
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.completion_lengths.shape[0])
+
+    @property
+    def group_ids(self) -> torch.Tensor:
+        """(N,) long: index of each row's prompt group."""
+        return torch.arange(self.num_rows, device=self.completion_lengths.device) // self.group_size
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_rows // self.group_size
+
+    def weighted_reward(self, rewards: torch.Tensor) -> torch.Tensor:
+        """R = sum_k w_k r_k (N,), NaN-ignoring; a row whose every reward is NaN stays NaN."""
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        return total.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
+
+
+@dataclass
+class LossBatch:
+    """One local micro-batch, as the trajectory-side hooks see it."""
+
+    logps: torch.Tensor  # (B, T) log pi_theta of the sampled tokens, with gradient
+    old_logps: torch.Tensor  # (B, T) behaviour policy log-probs (logps.detach() on-policy)
+    advantages: torch.Tensor  # (B, 1) or (B, T)
+    mask: torch.Tensor  # (B, T) loss mask: completion mask times tool mask
+    entropies: torch.Tensor | None  # (B, T)
+    ref_logps: torch.Tensor | None  # (B, T) reference log-probs when beta != 0
+    sampling_logps: torch.Tensor | None  # (B, T) sampler log-probs (vLLM, rollout functions)
+    importance_sampling_ratio: torch.Tensor | None  # TRL's vLLM correction, (B, T) or (B, 1)
+    num_items_in_batch: torch.Tensor  # 0-d: loss tokens in the global generation batch
+    accumulation_steps: int  # micro-batches per optimizer step (1 in evaluation)
+    steps_per_generation: int
+    num_processes: int
+    max_completion_length: int
+    options: Mapping[str, Any]
+    args: Any
+    inputs: Mapping[str, Any]  # the raw micro-batch dict from the rollout
+    step: int = 0
+    training: bool = True
+    log_metric: Callable[[str, float], None] = _ignore_metric
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over processes
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # concatenate over processes
+    gather_ragged: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # concatenate 1-D tensors of any length
+
+    def global_masked_mean(self, x: torch.Tensor) -> float:
+        """Mean of ``x`` over loss tokens of all processes; a (B, 1) tensor counts once per row."""
+        if x.shape[-1] == 1 and self.mask.shape[-1] != 1:
+            local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+        else:
+            local = torch.stack([masked_sum(x, self.mask), self.mask.sum().float()])
+        totals = self.reduce_sum(local)
+        return (totals[0] / totals[1].clamp(min=1.0)).item()

@@ -1,0 +1,244 @@
+"""The built-in GRPO baseline, one component per stage, each honouring the GRPOConfig flags of its stage.
+
+Assembled together (method ``grpo``) they reproduce TRL 1.16's ``GRPOTrainer`` exactly for the same flags;
+a method plugin replaces the components whose stages it changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hookspecs import hookimpl
+from ..ops import aggregate, clipped_surrogate, group_mean, group_std, kl_estimate, masked_mean, nanstd
+from ..ops import sequence_log_ratio
+
+STD_EPS = 1e-4  # TRL's divisor guard: A = (R - mean) / (std + 1e-4)
+
+
+def _epsilon_high(args) -> float:
+    return args.epsilon_high if args.epsilon_high is not None else args.epsilon
+
+
+class GroupAdvantage:
+    """Group-relative advantages: A_i = (R_i - mean_G(R)) / (std(R) + 1e-4), by ``scale_rewards`` and
+    ``multi_objective_aggregation``; dense token rewards, when a plugin supplies them, are added per token."""
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {args.scale_rewards!r}")
+        if args.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError(
+                "multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', "
+                f"got {args.multi_objective_aggregation!r}"
+            )
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        G, args = batch.group_size, batch.args
+        if args.multi_objective_aggregation == "sum_then_normalize":
+            total = batch.weighted_reward(rewards)
+            advantages = total - group_mean(total, G)
+            if args.scale_rewards == "group":
+                advantages = advantages / (group_std(total, G) + STD_EPS)
+            elif args.scale_rewards == "batch":
+                std = nanstd(total) if total.numel() > 1 else torch.zeros_like(total)
+                advantages = advantages / (std + STD_EPS)
+        else:  # normalize_then_sum (GDPO): z-score each reward within its group, sum, z-score over the batch
+            grouped = rewards.view(-1, G, rewards.shape[1])
+            std_k = nanstd(grouped, dim=1, keepdim=True) if G > 1 else torch.zeros_like(grouped[:, :1])
+            normalised = ((grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (std_k + STD_EPS)).view_as(rewards)
+            total = batch.weighted_reward(normalised)
+            std = nanstd(total) if total.numel() > 1 else torch.zeros_like(total)
+            advantages = (total - torch.nanmean(total)) / (std + STD_EPS)
+        advantages = torch.nan_to_num(advantages, nan=0.0)
+        if batch.token_rewards is not None:
+            advantages = (advantages.unsqueeze(1) + batch.token_rewards) * batch.completion_mask
+        return advantages
+
+
+class PolicyRatio:
+    """Importance weight pi_theta / pi_old per token, or per sequence (GSPO), by ``importance_sampling_level``."""
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                f"importance_sampling_level must be 'token' or 'sequence', got {args.importance_sampling_level!r}"
+            )
+
+    @hookimpl
+    def po_log_importance_weights(self, batch):
+        log_ratio = batch.logps - batch.old_logps
+        if batch.args.importance_sampling_level == "sequence":
+            return sequence_log_ratio(log_ratio, batch.mask)
+        return log_ratio
+
+
+CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+class ClipObjective:
+    """PPO clipped surrogate with clip-higher (``epsilon``, ``epsilon_high``) and the two-sided ``delta``."""
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.loss_type not in CLIP_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={args.loss_type!r} is not a clipped-surrogate loss; the baseline supports "
+                f"{', '.join(CLIP_LOSS_TYPES)}. Select a method plugin that provides it instead."
+            )
+
+    @hookimpl
+    def po_policy_objective(self, batch, log_weights):
+        args, A = batch.args, batch.advantages
+        ratio = torch.exp(log_weights)
+        loss = clipped_surrogate(ratio, A, args.epsilon, _epsilon_high(args), args.delta)
+        low = (ratio < 1 - args.epsilon) & (A < 0)
+        high = (ratio > 1 + _epsilon_high(args)) & (A > 0)
+        batch.log_metric("clip_ratio/low_mean", batch.global_masked_mean(low.float()))
+        batch.log_metric("clip_ratio/high_mean", batch.global_masked_mean(high.float()))
+        batch.log_metric("clip_ratio/region_mean", batch.global_masked_mean((low | high).float()))
+        return loss
+
+
+class EntropyMask:
+    """80/20 rule: keep the policy loss only on tokens whose entropy is in the top ``top_entropy_quantile``,
+    the quantile taken over loss tokens of all processes."""
+
+    @hookimpl
+    def po_check_config(self, args):
+        if not 0.0 <= args.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {args.top_entropy_quantile}")
+
+    @hookimpl
+    def po_token_mask(self, batch):
+        quantile = batch.args.top_entropy_quantile
+        if quantile >= 1.0:
+            return None
+        values = batch.gather_ragged(batch.entropies[batch.mask.bool()].float())
+        if values.numel() == 0:
+            return torch.zeros_like(batch.mask)
+        threshold = torch.quantile(values, 1.0 - quantile)
+        return ((batch.entropies * batch.mask >= threshold) & batch.mask.bool()).to(batch.mask.dtype)
+
+
+class OffPolicyMask:
+    """DeepSeek-V3.2 off-policy sequence masking: drop a sequence with A < 0 whose mean sampler-vs-policy
+    log-ratio exceeds ``off_policy_mask_threshold``."""
+
+    @hookimpl
+    def po_token_mask(self, batch):
+        threshold = batch.args.off_policy_mask_threshold
+        if threshold is None:
+            return None
+        behaviour = batch.sampling_logps if batch.sampling_logps is not None else batch.old_logps
+        log_gap = torch.nan_to_num(behaviour - batch.logps.detach(), nan=0.0)
+        keep = (batch.advantages >= 0) | (masked_mean(log_gap, batch.mask, dim=1).unsqueeze(1) <= threshold)
+        return keep.to(batch.mask.dtype)
+
+
+class SamplerCorrection:
+    """TRL's own rollout correction for vLLM (``vllm_importance_sampling_*``), computed during generation."""
+
+    @hookimpl
+    def po_rollout_correction(self, batch):
+        args = batch.args
+        if args.use_vllm and args.vllm_importance_sampling_correction:
+            return batch.importance_sampling_ratio
+        return None
+
+
+class ReferenceKL:
+    """beta * k3 KL to the reference per token; times the importance weight with ``use_bias_correction_kl``."""
+
+    @hookimpl
+    def po_token_penalty(self, batch, log_weights):
+        beta = batch.args.beta
+        if beta == 0.0:
+            return None
+        kl = kl_estimate(batch.logps, batch.ref_logps, "k3")
+        if batch.args.use_bias_correction_kl:
+            kl = kl * torch.exp(log_weights)
+        batch.log_metric("kl", batch.global_masked_mean(kl))
+        return beta * kl
+
+
+class EntropyBonus:
+    """Static entropy bonus: loss -= entropy_coef * mean token entropy."""
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.use_adaptive_entropy:
+            raise ValueError("use_adaptive_entropy is not supported by the baseline; leave it False")
+
+    @hookimpl
+    def po_loss_penalty(self, batch):
+        coef = batch.args.entropy_coef
+        if coef == 0.0:
+            return None
+        return -coef * masked_mean(batch.entropies, batch.mask)
+
+
+AGGREGATION_BY_LOSS_TYPE = {
+    "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "dapo": "global-token-mean",
+    "cispo": "global-token-mean",
+    "vespo": "global-token-mean",
+    "luspo": "seq-sum",
+}
+
+
+class LossAggregation:
+    """Reduce the per-token loss as ``loss_type`` says (see :func:`po_registry.ops.aggregate`)."""
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.loss_type not in AGGREGATION_BY_LOSS_TYPE:
+            raise ValueError(f"unknown loss_type {args.loss_type!r}; expected one of {sorted(AGGREGATION_BY_LOSS_TYPE)}")
+
+    @hookimpl
+    def po_aggregate_loss(self, per_token_loss, batch):
+        mode = AGGREGATION_BY_LOSS_TYPE[batch.args.loss_type]
+        tokens = batch.num_items_in_batch.clamp(min=1.0) / batch.num_processes
+        if batch.training:  # the generation batch spans steps_per_generation micro-batches
+            tokens = tokens * batch.accumulation_steps / batch.steps_per_generation
+        return aggregate(
+            per_token_loss,
+            batch.mask,
+            mode,
+            accumulation_steps=batch.accumulation_steps,
+            max_completion_length=batch.max_completion_length,
+            global_tokens_per_step=tokens,
+        )
+
+
+COMPONENTS = {
+    "group-advantage": GroupAdvantage(),
+    "policy-ratio": PolicyRatio(),
+    "clip-objective": ClipObjective(),
+    "entropy-mask": EntropyMask(),
+    "off-policy-mask": OffPolicyMask(),
+    "sampler-correction": SamplerCorrection(),
+    "reference-kl": ReferenceKL(),
+    "entropy-bonus": EntropyBonus(),
+    "loss-aggregation": LossAggregation(),
+}
+
+
+class BaselineMethod:
+    """Registers the ``grpo`` method: every baseline component."""
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register(
+            "grpo",
+            components=list(COMPONENTS),
+            side="both",
+            summary="TRL GRPOTrainer baseline: follows GRPOConfig's loss_type, scale_rewards, epsilon, beta, ...",
+            targets="policy-sized critic (group-relative baseline instead)",
+            paper="arXiv 2402.03300",
+        )

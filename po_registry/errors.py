@@ -1,0 +1,40 @@
+"""Errors. Each names its culprit: the method, plugin, stage, option or hook."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class PORegistryError(Exception):
+    """Base class of every error raised by po-registry."""
+
+
+class UnknownMethodError(PORegistryError, ValueError):
+    """A method name that no loaded plugin registered."""
+
+
+class CompositionError(PORegistryError, ValueError):
+    """Selected methods or components that cannot be assembled into one pipeline."""
+
+
+class OptionError(PORegistryError, ValueError):
+    """An unknown option, or a value an option does not accept."""
+
+
+class PluginLoadError(PORegistryError):
+    """A plugin that failed to load and is needed by the chosen methods."""
+
+
+class HookError(PORegistryError, RuntimeError):
+    """A hook implementation that raised, or returned a value that breaks the hook's contract."""
+
+    def __init__(self, plugin: str, hook: str, step: int | None, problem: str):
+        self.plugin, self.hook, self.step = plugin, hook, step
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"plugin {plugin!r}, hook {hook}{where}: {problem}")
+
+
+def closest(name: str, candidates) -> str:
+    """' Did you mean X?' for the closest candidate, or ''."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""

@@ -1,0 +1,240 @@
+"""The hook specification: every extension point of a policy-optimization method.
+
+Every policy-gradient method for language models optimizes J(theta) = E_{tau ~ p_theta}[R(tau)] and changes one
+or both of its factors. The stages below follow the order in which the trainer calls them, grouped by factor:
+
+- **reward side**, R(tau): reward shaping, dense per-token rewards, advantage estimation, group selection.
+  Runs once per generation batch on the *globally gathered* batch, where a prompt's G completions are still
+  contiguous rows (the trainer shuffles rows before the loss).
+- **trajectory side**, p_theta(tau): token masks, importance weights, rollout correction, the per-token policy
+  objective, token penalties, loss aggregation, loss penalties. Runs once per micro-batch on the local rows.
+- **lifecycle**: methods, options, set-up and checkpoint state.
+
+A stage is **single-owner** (exactly one plugin implements it in an assembled pipeline; two claimants are an
+error at assembly that names both) or **composable** (every implementation contributes, combined as the stage
+says: folded, multiplied, summed or intersected). A plugin implements a stage by defining a function of the
+same name marked with :data:`po_registry.hookimpl`. Arguments are opt-in: an implementation takes only the
+arguments it reads, so a specification can grow without breaking older plugins.
+
+Shapes: ``N`` rows in the global generation batch, ``K`` reward functions, ``G`` completions per prompt,
+``B`` local rows, ``T`` completion tokens (right-padded). Tensors returned by a hook must be floating point, on the
+device of the batch, of the documented shape, and finite; the trainer checks this and names the plugin otherwise.
+Shared math (masked means, group statistics, KL estimators, clipping, aggregation) is in :mod:`po_registry.ops`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pluggy
+
+PROJECT = "po_registry"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Side = Literal["reward", "trajectory", "lifecycle"]
+Combine = Literal["single", "fold", "product", "sum", "all", "each"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How the trainer treats a hook: which factor it changes and how several implementations combine."""
+
+    side: Side
+    combine: Combine
+
+    @property
+    def single_owner(self) -> bool:
+        return self.combine == "single"
+
+
+def stage(side: Side, combine: Combine):
+    """Mark a hookspec with its :class:`Stage`; single-owner stages are pluggy ``firstresult`` hooks."""
+
+    def mark(func):
+        func.po_stage = Stage(side, combine)
+        return hookspec(firstresult=combine == "single")(func)
+
+    return mark
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lifecycle
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@stage("lifecycle", "each")
+def po_register_methods(register):
+    """Register named methods.
+
+    Call ``register(name, components=[...], options={...}, side=..., summary=..., targets=..., paper=...)`` once per
+    method. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in ``grpo``
+    baseline with each single-owner stage taken over by the component that implements it and each composable
+    component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
+    baseline components the method removes (for example ``["reference-kl"]`` for a method with KL in the reward).
+    Registering a name that another plugin already registered is reported as a load fault naming both plugins.
+    """
+
+
+@stage("lifecycle", "each")
+def po_declare_options(register):
+    """Declare this plugin's options.
+
+    Call ``register(name, default, help=..., type=..., choices=..., check=...)`` once per option. ``type`` converts
+    strings from the command line or YAML (int, float, bool, str); ``choices`` restricts values; ``check`` is a
+    predicate ``value -> bool`` with ``help`` saying what is allowed. A bad value is rejected when the
+    :class:`~po_registry.PolicyOptimizationConfig` is built, with a message naming the option and the plugin.
+    Option names are global: two plugins declaring the same name is an error at assembly.
+    """
+
+
+@stage("lifecycle", "each")
+def po_check_config(args, options):
+    """Refuse a configuration this plugin cannot honour. Called when the config is built, before training.
+
+    ``args``: the :class:`~po_registry.PolicyOptimizationConfig` (TRL's ``GRPOConfig`` fields included);
+    ``options``: the resolved option values. Raise ``ValueError`` with a message naming the offending field;
+    the error reaches the user prefixed with this plugin's name.
+    """
+
+
+@stage("lifecycle", "each")
+def po_setup(trainer, options):
+    """Called once, after the trainer is constructed and before training.
+
+    ``trainer``: the :class:`~po_registry.PolicyOptimizationTrainer`; ``options``: the resolved option values
+    (dict). Load auxiliary models (a teacher, a critic), allocate buffers, validate couplings that need the
+    trainer (for example the model's vocabulary).
+    """
+
+
+@stage("lifecycle", "each")
+def po_state_dict():
+    """Return this plugin's state to save with a checkpoint (a dict ``torch.save`` can write), or None."""
+
+
+@stage("lifecycle", "each")
+def po_load_state_dict(state):
+    """Restore the state this plugin returned from :func:`po_state_dict` when a run resumes from a checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward side: R(tau)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@stage("reward", "fold")
+def po_shape_rewards(rewards, batch):
+    """Transform the reward matrix (reward shaping). Composable: folded in registration order.
+
+    ``rewards``: (N, K) float, one column per reward function, NaN where a function returned None, already
+    gathered across processes; it is the previous plugin's output when several shape rewards.
+    ``batch``: :class:`~po_registry.RewardBatch` (``completion_lengths`` (N,), ``truncated`` (N,),
+    ``group_ids`` (N,), ``group_size``, ``reward_names``, ``options``, ...).
+    Return an (N, K) tensor, or None to leave the rewards unchanged. TRL's logged reward metrics see the shaped
+    matrix.
+    """
+
+
+@stage("reward", "sum")
+def po_token_rewards(batch):
+    """Dense per-token rewards (process rewards, a teacher's log-ratio). Composable: summed.
+
+    Computed on this process's rows: ``batch.local`` holds ``prompt_ids`` (B, P), ``completion_ids`` (B, T),
+    ``completion_mask`` (B, T) and the rest of the rollout. Return (B, T) float or None. The trainer gathers them
+    to ``batch.token_rewards`` (N, T) before advantage estimation; the advantage estimator decides how they
+    combine with sequence-level advantages.
+    """
+
+
+@stage("reward", "single")
+def po_compute_advantages(rewards, batch):
+    """Advantage estimation. Single owner.
+
+    ``rewards``: (N, K) shaped reward matrix; ``batch``: :class:`~po_registry.RewardBatch` of the global batch,
+    with ``reward_weights`` (K,), ``group_size``, ``completion_mask`` (N, T) and ``token_rewards`` (N, T) or None.
+    Return per-sequence advantages (N,) or per-token advantages (N, T). Rows whose rewards are all NaN must get
+    a finite advantage (usually 0). The trainer slices this process's rows.
+    """
+
+
+@stage("reward", "all")
+def po_select_groups(rewards, batch):
+    """Group selection (what dynamic sampling needs). Composable: a group is kept only if every plugin keeps it.
+
+    ``rewards``: (N, K) shaped reward matrix; return a bool tensor (N // G,) with True for groups to keep, or
+    None to keep all. Dropped groups are removed from the loss: their loss mask is zeroed and the token count
+    that normalises the loss is recomputed. The decision is taken on the gathered batch, so it is the same on
+    every process.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trajectory side: p_theta(tau)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@stage("trajectory", "product")
+def po_token_mask(batch):
+    """Token masks (high-entropy tokens, off-policy sequences). Composable: multiplied.
+
+    ``batch``: :class:`~po_registry.LossBatch`. Return a (B, T) or (B, 1) multiplier for the per-token loss
+    (usually 0/1, no gradient), or None. A mask drops a token's loss but not its slot in the aggregation
+    denominator (TRL's semantics); to remove tokens from the denominator too, select groups on the reward side.
+    """
+
+
+@stage("trajectory", "single")
+def po_log_importance_weights(batch):
+    """Importance-weight granularity. Single owner.
+
+    Return the log importance weight of pi_theta against the behaviour policy pi_old with a live gradient:
+    (B, T) for token level, (B, 1) for sequence level (GSPO), or any shape that broadcasts against (B, T).
+    ``batch.logps`` and ``batch.old_logps`` are (B, T); on-policy ``old_logps`` is ``logps.detach()``.
+    """
+
+
+@stage("trajectory", "product")
+def po_rollout_correction(batch):
+    """Rollout-trainer mismatch correction (TIS, MIS). Composable: multiplied.
+
+    ``batch.sampling_logps`` (B, T) are the sampler's log-probs when it returned them (vLLM or a rollout
+    function); ``batch.importance_sampling_ratio`` is TRL's own correction when ``use_vllm`` is on.
+    Return a (B, T) or (B, 1) multiplier without gradient, or None.
+    """
+
+
+@stage("trajectory", "single")
+def po_policy_objective(batch, log_weights):
+    """The per-token policy objective (the clip family). Single owner.
+
+    ``log_weights``: the output of :func:`po_log_importance_weights`; ``batch.advantages`` is (B, 1) or (B, T).
+    Return the per-token loss to minimise, (B, T) or (B, 1). The trainer multiplies it by the token masks and
+    rollout corrections and adds the token penalties before aggregation.
+    """
+
+
+@stage("trajectory", "sum")
+def po_token_penalty(batch, log_weights):
+    """Per-token regularisers added to the per-token loss before aggregation (a KL to the reference). Composable:
+    summed. Return (B, T) or None; include the coefficient."""
+
+
+@stage("trajectory", "single")
+def po_aggregate_loss(per_token_loss, batch):
+    """Loss aggregation. Single owner.
+
+    ``per_token_loss``: (B, T) or (B, 1); ``batch.mask`` (B, T) is the loss mask. Return the scalar loss this
+    micro-batch contributes to the optimizer step, already scaled for gradient accumulation
+    (``batch.accumulation_steps``); :func:`po_registry.ops.aggregate` implements the standard modes.
+    """
+
+
+@stage("trajectory", "sum")
+def po_loss_penalty(batch):
+    """Scalar regularisers added after aggregation (an entropy bonus). Composable: summed.
+
+    Return a 0-d tensor for one micro-batch *before* gradient-accumulation scaling (the trainer divides by
+    ``batch.accumulation_steps``), or None. Include the coefficient and sign (a bonus is negative).
+    """

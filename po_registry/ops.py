@@ -1,0 +1,138 @@
+"""Shared tensor math for policy-optimization plugins.
+
+Plain, typed functions with no trainer state, so that a plugin reads like the formula in its paper.
+Shapes: ``B`` rows (completions), ``T`` completion tokens, ``N`` rows of the globally gathered batch,
+``G`` completions per prompt (a *group*: ``G`` consecutive rows).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "AggregationMode",
+    "aggregate",
+    "clipped_surrogate",
+    "group_mean",
+    "group_std",
+    "kl_estimate",
+    "masked_mean",
+    "masked_sum",
+    "nanstd",
+    "sequence_log_ratio",
+]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x * mask`` over ``dim`` (all elements when ``dim`` is None)."""
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is set; an empty mask gives 0, not NaN."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected standard deviation ignoring NaN entries (NaN when fewer than two values)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    sq = (x - mean) ** 2
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=keepdim) if dim is not None else (~torch.isnan(x)).sum()
+    total = torch.nansum(sq, dim=dim, keepdim=keepdim) if dim is not None else torch.nansum(sq)
+    return torch.sqrt(total / (count - 1))
+
+
+def group_mean(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group NaN-ignoring mean of ``values`` (N,), broadcast back to (N,)."""
+    return torch.nanmean(values.view(-1, group_size), dim=1).repeat_interleave(group_size)
+
+
+def group_std(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group Bessel-corrected NaN-ignoring std of ``values`` (N,), broadcast back to (N,).
+
+    A group of size 1 has std 0 (no spread to measure)."""
+    if group_size < 2:
+        return torch.zeros_like(values)
+    return nanstd(values.view(-1, group_size), dim=1).repeat_interleave(group_size)
+
+
+def kl_estimate(
+    logps: torch.Tensor, ref_logps: torch.Tensor, estimator: Literal["k1", "k2", "k3"] = "k3"
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3).
+
+    With log rho = ref_logps - logps: k1 = -log rho, k2 = (log rho)^2 / 2, k3 = (rho - 1) - log rho."""
+    log_rho = ref_logps - logps
+    if estimator == "k1":
+        return -log_rho
+    if estimator == "k2":
+        return 0.5 * log_rho**2
+    if estimator == "k3":
+        return torch.exp(log_rho) - log_rho - 1
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Length-normalised sequence log-ratio (GSPO): (1/|o|) sum_t log r_t, shape (B, 1)."""
+    return masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1)
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None = None,
+) -> torch.Tensor:
+    """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A).
+
+    ``delta`` (INTELLECT-2) caps the unclipped branch at min(r, delta) so negative advantages are bounded too.
+    Shapes broadcast: ratio (B, T) or (B, 1), advantages (B, 1) or (B, T)."""
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
+AggregationMode = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "global-token-mean", "seq-sum"]
+
+
+def aggregate(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: AggregationMode,
+    *,
+    accumulation_steps: int = 1,
+    max_completion_length: int | None = None,
+    global_tokens_per_step: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to the scalar one micro-batch contributes to an optimizer step.
+
+    Modes (the micro-batch loss is divided by ``accumulation_steps`` unless stated):
+      - ``seq-mean-token-mean`` (GRPO): mean over rows of each row's token mean.
+      - ``token-mean`` (BNPO): token mean over the micro-batch.
+      - ``seq-mean-token-sum-norm`` (Dr.GRPO): token sum / (B * max_completion_length).
+      - ``global-token-mean`` (DAPO): token sum / ``global_tokens_per_step``, the number of loss tokens one
+        process contributes to a whole optimizer step; no further accumulation scaling.
+      - ``seq-sum`` (LUSPO): mean over rows of each row's token sum.
+    """
+    if mode == "seq-mean-token-mean":
+        loss = masked_mean(per_token_loss, mask, dim=-1).mean()
+    elif mode == "token-mean":
+        loss = masked_mean(per_token_loss, mask)
+    elif mode == "seq-mean-token-sum-norm":
+        if max_completion_length is None:
+            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_completion_length")
+        loss = masked_sum(per_token_loss, mask) / (per_token_loss.size(0) * max_completion_length)
+    elif mode == "global-token-mean":
+        if global_tokens_per_step is None:
+            raise ValueError("aggregation 'global-token-mean' needs global_tokens_per_step")
+        return masked_sum(per_token_loss, mask) / global_tokens_per_step
+    elif mode == "seq-sum":
+        loss = masked_sum(per_token_loss, mask, dim=-1).mean()
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}")
+    return loss / accumulation_steps

@@ -1,0 +1,290 @@
+"""Assembly of chosen methods into one pipeline, and the calls of its stages.
+
+Assembly starts from the components of the baseline method ``grpo``. Each chosen method's components join it:
+a component that implements a single-owner stage takes that stage over from the baseline; composable
+components add up. Two chosen components claiming one single-owner stage is an error naming both.
+
+Stages are called one implementation at a time, so that an exception or a bad return value names the plugin,
+the hook and the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .batches import LossBatch, RewardBatch
+from .errors import CompositionError, HookError, OptionError, closest
+from .registry import BASELINE_METHOD, STAGE_HOOKS, Method, Registry, get_registry, stage_of
+
+
+@dataclass
+class Assembly:
+    """The resolved composition: methods, components (name -> plugin), stage owners and option values."""
+
+    methods: list[Method]
+    components: dict[str, Any]
+    owners: dict[str, list[str]]  # stage hook -> implementing component names, in call order
+    options: dict[str, Any]
+    option_sources: dict[str, str] = field(default_factory=dict)  # option -> "default" | "method X" | "user"
+
+    def explain(self) -> str:
+        """The pipeline stage by stage: side, owners and options."""
+        lines = [f"methods: {', '.join(m.name for m in self.methods)}"]
+        for hook in STAGE_HOOKS:
+            stage = stage_of(hook)
+            owners = self.owners.get(hook, [])
+            kind = "single owner" if stage.single_owner else f"composable ({stage.combine})"
+            lines.append(f"  [{stage.side}] {hook} ({kind}): {', '.join(owners) or '-'}")
+        if self.options:
+            lines.append("options:")
+            for name, value in sorted(self.options.items()):
+                lines.append(f"  {name} = {value!r} ({self.option_sources[name]})")
+        return "\n".join(lines)
+
+
+def _implemented_hooks(plugin: Any, registry: Registry) -> set[str]:
+    return {caller.name for caller in registry.pm.get_hookcallers(plugin) or []}
+
+
+def assemble(
+    methods: Iterable[str], options: Mapping[str, Any] | None = None, registry: Registry | None = None
+) -> Assembly:
+    """Resolve method names into an :class:`Assembly`; raise a clear error on any conflict or bad option."""
+    registry = registry or get_registry()
+    methods = list(methods) or [BASELINE_METHOD]
+    if len(set(methods)) != len(methods):
+        raise CompositionError(f"method listed twice in {methods}")
+    chosen = [registry.method(name) for name in methods]
+    baseline = registry.method(BASELINE_METHOD)
+
+    # Who brought each component, for error messages.
+    brought_by: dict[str, str] = {}
+    for method in chosen:
+        for component in method.components:
+            brought_by.setdefault(component, method.name)
+    replaced = {name for method in chosen for name in method.replaces}
+    components: dict[str, Any] = {}
+    for method in chosen:
+        for name in method.components:
+            components[name] = registry.plugin(name, needed_by=method.name)
+
+    owners: dict[str, list[str]] = {}
+    for hook in STAGE_HOOKS:
+        claimants = [name for name, plugin in components.items() if hook in _implemented_hooks(plugin, registry)]
+        if stage_of(hook).single_owner and len(claimants) > 1:
+            first, second = claimants[:2]
+            raise CompositionError(
+                f"stage {hook} has two owners: plugin {first!r} (from method {brought_by[first]!r}) and plugin "
+                f"{second!r} (from method {brought_by[second]!r}); a single-owner stage takes exactly one"
+            )
+        owners[hook] = claimants
+
+    # Fill from the baseline: single-owner stages nobody claimed, and composable baseline components not replaced.
+    for name in baseline.components:
+        if name in components or name in replaced:
+            continue
+        plugin = registry.plugin(name, needed_by=BASELINE_METHOD)
+        hooks = _implemented_hooks(plugin, registry)
+        stage_hooks = [h for h in hooks if h in owners]
+        if any(stage_of(h).single_owner and owners[h] for h in stage_hooks):
+            continue  # this stage was taken over by a chosen method
+        components[name] = plugin
+        brought_by[name] = BASELINE_METHOD
+        for hook in stage_hooks:
+            owners[hook].append(name)
+    for hook in STAGE_HOOKS:
+        if stage_of(hook).single_owner and not owners[hook]:
+            raise CompositionError(f"stage {hook} has no owner: no chosen method nor the baseline implements it")
+    # Keep the baseline's order first, then the methods' components, for a stable call order.
+    order = {name: i for i, name in enumerate(list(baseline.components) + list(brought_by))}
+    for hook in owners:
+        owners[hook].sort(key=lambda name: order[name])
+
+    values, sources = _resolve_options(chosen, components, options or {}, registry)
+    return Assembly(chosen, components, owners, values, sources)
+
+
+def _resolve_options(chosen: list[Method], components: Mapping[str, Any], user: Mapping[str, Any],
+                     registry: Registry) -> tuple[dict[str, Any], dict[str, str]]:
+    declared = {name: opt for name, opt in registry.options.items() if opt.plugin in components}
+    values = {name: opt.default for name, opt in declared.items()}
+    sources = {name: "default" for name in declared}
+    for method in chosen:
+        for name, value in method.options.items():
+            if name not in declared:
+                raise OptionError(f"method {method.name!r} sets option {name!r}, which none of its components declares")
+            if sources[name].startswith("method") and values[name] != value:
+                raise CompositionError(
+                    f"option {name!r} is set to {values[name]!r} by {sources[name]} and to {value!r} by method "
+                    f"{method.name!r}"
+                )
+            values[name], sources[name] = declared[name].coerce(value), f"method {method.name}"
+    for name, value in user.items():
+        if name not in declared:
+            if name in registry.options:
+                raise OptionError(f"option {name!r} belongs to plugin {registry.options[name].plugin!r}, which none "
+                                  "of the chosen methods uses")
+            available = ", ".join(sorted(declared)) or "none"
+            raise OptionError(f"unknown option {name!r}.{closest(name, declared)} Options of the chosen methods: "
+                              f"{available}.")
+        values[name], sources[name] = declared[name].coerce(value), "user"
+    return values, sources
+
+
+class Pipeline:
+    """Runs the stages of an :class:`Assembly` with per-plugin attribution and output checks."""
+
+    def __init__(self, assembly: Assembly, registry: Registry | None = None):
+        self.assembly = assembly
+        registry = registry or get_registry()
+        self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
+        for hook in (*STAGE_HOOKS, "po_check_config", "po_setup", "po_state_dict", "po_load_state_dict"):
+            impls = []
+            for impl in getattr(registry.pm.hook, hook).get_hookimpls():
+                name = next((n for n, p in assembly.components.items() if p is impl.plugin), None)
+                if name is not None:
+                    impls.append((name, impl.function, tuple(impl.argnames)))
+            order = {name: i for i, name in enumerate(assembly.owners.get(hook) or assembly.components)}
+            impls.sort(key=lambda item: order.get(item[0], len(order)))
+            self._impls[hook] = impls
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.assembly.options
+
+    def _invoke(self, hook: str, step: int | None, plugin: str, function, argnames, kwargs: Mapping[str, Any]):
+        """Call one implementation with the arguments it asks for; an exception names plugin, hook and step."""
+        try:
+            return function(*[kwargs[name] for name in argnames])
+        except HookError:
+            raise
+        except Exception as exc:
+            raise HookError(plugin, hook, step, f"raised {type(exc).__name__}: {exc}") from exc
+
+    def _call(self, hook: str, step: int | None, **kwargs):
+        """Yield (plugin, result) for each implementation of ``hook``, in call order."""
+        for plugin, function, argnames in self._impls[hook]:
+            yield plugin, self._invoke(hook, step, plugin, function, argnames, kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def check_config(self, args) -> None:
+        for plugin, function, argnames in self._impls["po_check_config"]:
+            kwargs = {"args": args, "options": self.options}
+            try:
+                function(*[kwargs[name] for name in argnames])
+            except (ValueError, TypeError) as exc:
+                raise OptionError(f"plugin {plugin!r}: {exc}") from None
+
+    def setup(self, trainer) -> None:
+        for _ in self._call("po_setup", None, trainer=trainer, options=self.options):
+            pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {plugin: state for plugin, state in self._call("po_state_dict", None) if state is not None}
+
+    def load_state_dict(self, states: Mapping[str, Any]) -> None:
+        for plugin, function, argnames in self._impls["po_load_state_dict"]:
+            if plugin in states:
+                self._invoke("po_load_state_dict", None, plugin, function, argnames, {"state": states[plugin]})
+
+    # -- reward side --------------------------------------------------------------------------------------------
+
+    def shape_rewards(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+        for plugin, function, argnames in self._impls["po_shape_rewards"]:
+            kwargs = {"rewards": rewards, "batch": batch}
+            result = self._invoke("po_shape_rewards", batch.step, plugin, function, argnames, kwargs)
+            if result is not None:
+                _check(result, plugin, "po_shape_rewards", batch.step, like=rewards, shapes=[tuple(rewards.shape)],
+                       allow_nan=True)
+                rewards = result
+        return rewards
+
+    def token_rewards(self, batch: RewardBatch, like: torch.Tensor) -> torch.Tensor | None:
+        """Sum of dense (B, T) token rewards on this process's rows, or None."""
+        total = None
+        for plugin, result in self._call("po_token_rewards", batch.step, batch=batch):
+            if result is not None:
+                _check(result, plugin, "po_token_rewards", batch.step, like=like, shapes=[tuple(like.shape)])
+                total = result if total is None else total + result
+        return total
+
+    def compute_advantages(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+        (plugin, result), = self._call("po_compute_advantages", batch.step, rewards=rewards, batch=batch)
+        n = batch.num_rows
+        shapes = [(n,)] + ([tuple(batch.completion_mask.shape)] if batch.completion_mask is not None else [])
+        _check(result, plugin, "po_compute_advantages", batch.step, like=rewards, shapes=shapes)
+        return result
+
+    def select_groups(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor | None:
+        keep = None
+        for plugin, result in self._call("po_select_groups", batch.step, rewards=rewards, batch=batch):
+            if result is None:
+                continue
+            if not isinstance(result, torch.Tensor) or result.dtype != torch.bool or tuple(result.shape) != (
+                batch.num_groups,
+            ):
+                raise HookError(plugin, "po_select_groups", batch.step,
+                                f"must return a bool tensor of shape ({batch.num_groups},), got {_describe(result)}")
+            keep = result if keep is None else keep & result
+        return keep
+
+    # -- trajectory side ----------------------------------------------------------------------------------------
+
+    def loss(self, batch: LossBatch) -> torch.Tensor:
+        """The micro-batch loss: objective x masks x corrections + token penalties, aggregated, + loss penalties."""
+        step, B, T = batch.step, *batch.mask.shape
+        token_shapes = [(B, T), (B, 1)]
+        (plugin, log_weights), = self._call("po_log_importance_weights", step, batch=batch)
+        _check(log_weights, plugin, "po_log_importance_weights", step, like=batch.logps, shapes=token_shapes)
+        (plugin, per_token_loss), = self._call("po_policy_objective", step, batch=batch, log_weights=log_weights)
+        _check(per_token_loss, plugin, "po_policy_objective", step, like=batch.logps, shapes=token_shapes)
+        for hook in ("po_token_mask", "po_rollout_correction"):
+            for plugin, factor in self._call(hook, step, batch=batch):
+                if factor is not None:
+                    _check(factor, plugin, hook, step, like=batch.logps, shapes=token_shapes)
+                    per_token_loss = per_token_loss * factor
+        for plugin, penalty in self._call("po_token_penalty", step, batch=batch, log_weights=log_weights):
+            if penalty is not None:
+                _check(penalty, plugin, "po_token_penalty", step, like=batch.logps, shapes=token_shapes)
+                per_token_loss = per_token_loss + penalty
+        (plugin, loss), = self._call("po_aggregate_loss", step, per_token_loss=per_token_loss, batch=batch)
+        _check(loss, plugin, "po_aggregate_loss", step, like=batch.logps, shapes=[()])
+        for plugin, penalty in self._call("po_loss_penalty", step, batch=batch):
+            if penalty is not None:
+                _check(penalty, plugin, "po_loss_penalty", step, like=batch.logps, shapes=[()])
+                loss = loss + penalty / batch.accumulation_steps
+        return loss
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}, dtype {value.dtype}, on {value.device}"
+    return type(value).__name__
+
+
+def _check(value: Any, plugin: str, hook: str, step: int, like: torch.Tensor, shapes: list[tuple],
+           allow_nan: bool = False) -> None:
+    """A hook's tensor must be floating point, on the batch's device, of an allowed shape and finite."""
+    problem = None
+    if not isinstance(value, torch.Tensor):
+        problem = f"must return a tensor, got {_describe(value)}"
+    elif not value.is_floating_point():
+        problem = f"must return a floating-point tensor, got dtype {value.dtype}"
+    elif value.device != like.device:
+        problem = f"returned a tensor on {value.device}, expected {like.device}"
+    elif tuple(value.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        problem = f"returned shape {tuple(value.shape)}, expected {expected}"
+    elif allow_nan and torch.isinf(value).any():
+        problem = "returned inf values"
+    elif not allow_nan and not torch.isfinite(value).all():
+        bad = "NaN" if torch.isnan(value).any() else "inf"
+        problem = f"returned {bad} values"
+    if problem is not None:
+        raise HookError(plugin, hook, step, problem)
+

@@ -1,0 +1,294 @@
+"""The plugin registry: a pluggy PluginManager over the ``po_registry`` entry-point group.
+
+Built-in components are registered through the same hooks as third-party plugins. Environment variables:
+
+- ``PO_REGISTRY_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry-point plugins (built-ins only).
+- ``PO_REGISTRY_PLUGINS=name,name``: load only these entry points (entry-point or distribution names).
+
+A plugin that fails to import, a method name registered twice or an option declared twice is a *load fault*:
+shown by :meth:`Registry.describe` and raised when the chosen methods need the faulty plugin.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import OptionError, PluginLoadError, UnknownMethodError, closest
+
+ENTRY_POINT_GROUP = "po_registry"
+ENV_DISABLE_AUTOLOAD = "PO_REGISTRY_DISABLE_PLUGIN_AUTOLOAD"
+ENV_ALLOW = "PO_REGISTRY_PLUGINS"
+BASELINE_METHOD = "grpo"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A plugin option: name, default and validation."""
+
+    name: str
+    default: Any
+    plugin: str
+    help: str = ""
+    type: Callable[[Any], Any] | None = None
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = None
+
+    def coerce(self, value: Any) -> Any:
+        """Convert and validate ``value``; raise :class:`OptionError` naming the option and plugin."""
+        convert = _to_bool if self.type is bool else self.type
+        try:
+            if convert is not None and value is not None:
+                value = convert(value)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"option {self.name!r} (plugin {self.plugin!r}): {exc}") from None
+        if self.choices is not None and value not in self.choices:
+            raise OptionError(
+                f"option {self.name!r} (plugin {self.plugin!r}) must be one of {list(self.choices)}, got {value!r}"
+            )
+        if self.check is not None and not self.check(value):
+            hint = f": {self.help}" if self.help else ""
+            raise OptionError(f"option {self.name!r} (plugin {self.plugin!r}) rejects {value!r}{hint}")
+        return value
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named method: components (plugin names) over the baseline, plus default option values."""
+
+    name: str
+    components: tuple[str, ...]
+    plugin: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    replaces: tuple[str, ...] = ()
+    side: str = ""
+    summary: str = ""
+    targets: str = ""
+    paper: str = ""
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin."""
+
+    name: str
+    plugin: Any
+    distribution: str
+    version: str
+    builtin: bool = False
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "builtin": self.builtin,
+            "hooks": self.hooks,
+            "error": self.error,
+        }
+
+
+def stage_of(hook_name: str) -> hookspecs.Stage:
+    return getattr(hookspecs, hook_name).po_stage
+
+
+STAGE_HOOKS = tuple(
+    name
+    for name, func in vars(hookspecs).items()
+    if name.startswith("po_") and callable(func) and func.po_stage.side != "lifecycle"
+)
+
+
+class Registry:
+    """Loaded plugins, the methods they register and the options they declare."""
+
+    def __init__(self, autoload: bool | None = None, allow: Iterable[str] | None = None):
+        if autoload is None:
+            autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in _TRUE
+        if allow is None and os.environ.get(ENV_ALLOW):
+            allow = [name.strip() for name in os.environ[ENV_ALLOW].split(",") if name.strip()]
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.methods: dict[str, Method] = {}
+        self.options: dict[str, Option] = {}
+        self.faults: dict[str, list[str]] = {}  # plugin name -> problems found while loading
+        self._entry_point_faults: dict[str, list[str]] = {}
+
+        from .builtin import BUILTIN_PLUGINS
+
+        version = _version("po-registry")
+        for name, plugin in BUILTIN_PLUGINS:
+            self._add(name, plugin, "po-registry", version, builtin=True)
+        if autoload:
+            self._load_entry_points(set(allow) if allow is not None else None)
+        self._collect()
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    def _load_entry_points(self, allow: set[str] | None) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            if allow is not None and ep.name not in allow and dist not in allow:
+                continue
+            if ep.name in self.plugins:
+                problem = f"entry point {ep.name!r} of {dist} clashes with an already loaded plugin"
+                self._entry_point_faults.setdefault(ep.name, []).append(problem)
+                continue
+            try:
+                plugin = ep.load()
+                if inspect.isclass(plugin):
+                    plugin = plugin()
+            except Exception as exc:  # a broken plugin is reported, never dropped silently
+                self.plugins[ep.name] = PluginInfo(ep.name, None, dist, version, error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._add(ep.name, plugin, dist, version)
+
+    def _add(self, name: str, plugin: Any, distribution: str, version: str, builtin: bool = False) -> None:
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # bad hook signature, unknown hook name
+            self.plugins[name] = PluginInfo(name, None, distribution, version, builtin, f"{type(exc).__name__}: {exc}")
+            return
+        hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+        self.plugins[name] = PluginInfo(name, plugin, distribution, version, builtin, hooks=hooks)
+
+    def register(self, plugin: Any, name: str, distribution: str = "(registered at run time)") -> None:
+        """Register a plugin object by hand (notebooks, tests): the same as an entry point named ``name``."""
+        if name in self.plugins:
+            raise ValueError(f"a plugin named {name!r} is already loaded (from {self.plugins[name].distribution})")
+        self._add(name, plugin, distribution, "?")
+        self._collect()
+
+    def _fault(self, plugin: str, problem: str) -> None:
+        self.faults.setdefault(plugin, []).append(problem)
+
+    def _collect(self) -> None:
+        self.methods.clear()
+        self.options.clear()
+        self.faults = {name: list(problems) for name, problems in self._entry_point_faults.items()}
+        for info in self.plugins.values():
+            if info.plugin is None:
+                continue
+            for impl in self.pm.hook.po_register_methods.get_hookimpls():
+                if impl.plugin is info.plugin:
+                    self._call_registration(info.name, impl.function, "po_register_methods", self._method_adder)
+            for impl in self.pm.hook.po_declare_options.get_hookimpls():
+                if impl.plugin is info.plugin:
+                    self._call_registration(info.name, impl.function, "po_declare_options", self._option_adder)
+
+    def _call_registration(self, plugin: str, function, hook: str, adder) -> None:
+        try:
+            function(adder(plugin))
+        except Exception as exc:
+            self._fault(plugin, f"{hook} raised {type(exc).__name__}: {exc}")
+
+    def _method_adder(self, plugin: str):
+        def register(name: str, components: Iterable[str] = (), options: Mapping[str, Any] | None = None,
+                     replaces: Iterable[str] = (), side: str = "", summary: str = "", targets: str = "",
+                     paper: str = "") -> None:
+            if name in self.methods:
+                other = self.methods[name].plugin
+                self._fault(plugin, f"method {name!r} is already registered by plugin {other!r}")
+                self._fault(other, f"method {name!r} is also registered by plugin {plugin!r}")
+                return
+            self.methods[name] = Method(name, tuple(components), plugin, dict(options or {}), tuple(replaces),
+                                        side, summary, targets, paper)
+
+        return register
+
+    def _option_adder(self, plugin: str):
+        def register(name: str, default: Any, help: str = "", type: Callable | None = None,
+                     choices: Iterable | None = None, check: Callable[[Any], bool] | None = None) -> None:
+            if name in self.options:
+                other = self.options[name].plugin
+                self._fault(plugin, f"option {name!r} is already declared by plugin {other!r}")
+                self._fault(other, f"option {name!r} is also declared by plugin {plugin!r}")
+                return
+            self.options[name] = Option(name, default, plugin, help, type, tuple(choices) if choices else None, check)
+
+        return register
+
+    # -- lookup -------------------------------------------------------------------------------------------------
+
+    def method(self, name: str) -> Method:
+        """The method registered as ``name``; an unknown name lists the available ones and the closest match."""
+        if name not in self.methods:
+            message = f"unknown method {name!r}.{closest(name, self.methods)} Available: {', '.join(sorted(self.methods))}."
+            broken = [f"{info.name} ({info.error})" for info in self.plugins.values() if info.error]
+            if broken:
+                message += f" Plugins that failed to load: {'; '.join(broken)}."
+            raise UnknownMethodError(message)
+        return self.methods[name]
+
+    def plugin(self, name: str, needed_by: str) -> Any:
+        """The loaded plugin object ``name``; raise if it is missing, failed to load or has load faults."""
+        info = self.plugins.get(name)
+        if info is None:
+            raise PluginLoadError(f"method {needed_by!r} needs plugin {name!r}, which is not installed "
+                                  f"(or not allowed by {ENV_ALLOW}/{ENV_DISABLE_AUTOLOAD}).")
+        if info.error:
+            raise PluginLoadError(f"method {needed_by!r} needs plugin {name!r} ({info.distribution}), "
+                                  f"which failed to load: {info.error}")
+        if name in self.faults:
+            raise PluginLoadError(f"method {needed_by!r} needs plugin {name!r}, which has load faults: "
+                                  + "; ".join(self.faults[name]))
+        return info.plugin
+
+    def option(self, name: str) -> Option:
+        if name not in self.options:
+            raise OptionError(f"unknown option {name!r}.{closest(name, self.options)}")
+        return self.options[name]
+
+    def describe(self) -> list[dict]:
+        """Installed plugins: distribution, version, hooks implemented, methods registered, faults."""
+        rows = []
+        for info in self.plugins.values():
+            row = info.as_dict()
+            row["methods"] = sorted(m.name for m in self.methods.values() if m.plugin == info.name)
+            row["faults"] = self.faults.get(info.name, [])
+            rows.append(row)
+        return rows
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    return Registry()
+
+
+def reload_registry() -> Registry:
+    """Forget the loaded registry (after installing a plugin or changing the environment variables)."""
+    get_registry.cache_clear()
+    return get_registry()

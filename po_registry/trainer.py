@@ -1,0 +1,201 @@
+"""``PolicyOptimizationTrainer``: TRL's ``GRPOTrainer`` with its reward side and loss routed through the hooks.
+
+This is the only module that touches TRL internals (private ``GRPOTrainer`` methods and attributes of trl==1.16.0).
+Moving to a new TRL release is a change to this file plus its parity tests (``tests/test_parity.py``).
+Overridden: ``_calculate_rewards`` (reward shaping), ``_generate_and_score_completions`` (advantages, dense
+rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_save_checkpoint`` and
+``_load_optimizer_and_scheduler`` (plugin state).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from .batches import LossBatch, RewardBatch
+from .config import PolicyOptimizationConfig
+from .pipeline import Pipeline, assemble
+
+STATE_FILE = "po_registry_state.pt"
+
+# Model inputs besides ids and masks that TRL's rollout may carry (vision-language models).
+_EXTRA_MODEL_INPUTS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)
+
+
+class PolicyOptimizationTrainer(GRPOTrainer):
+    """A ``GRPOTrainer`` whose algorithm is assembled from plugins.
+
+    Accepts everything ``GRPOTrainer`` accepts (``peft_config``, ``reward_funcs``, ``tools``,
+    ``environment_factory``, ``rollout_func``, vLLM options, accelerate/DeepSpeed/FSDP launch). ``args`` is a
+    :class:`~po_registry.PolicyOptimizationConfig`; a plain ``GRPOConfig`` runs the ``grpo`` baseline.
+    """
+
+    _tag_names = [*GRPOTrainer._tag_names, "po-registry"]
+
+    def __init__(self, model, reward_funcs=None, args=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = PolicyOptimizationConfig(output_dir=f"{Path(name).name or 'model'}-PO")
+        methods = getattr(args, "methods", None) or ["grpo"]
+        self.po_pipeline = Pipeline(assemble(methods, getattr(args, "method_options", None) or {}))
+        self.po_pipeline.check_config(args)
+        self._po_rewards: tuple[torch.Tensor, RewardBatch] | None = None
+        super().__init__(model, reward_funcs, args, **kwargs)
+        self.po_pipeline.setup(self)
+
+    @property
+    def po_options(self) -> dict:
+        """Resolved option values of the assembled plugins."""
+        return self.po_pipeline.options
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def _metric_logger(self, mode: str):
+        def log_metric(name: str, value: float) -> None:
+            self._metrics[mode][name].append(float(value))
+
+        return log_metric
+
+    def _gather_padded(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate (B, T) tensors of all processes, right-padding T to the longest with zeros."""
+        return self.accelerator.gather(self.accelerator.pad_across_processes(tensor, dim=1, pad_index=0))
+
+    def _gather_ragged(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate 1-D tensors of different lengths from all processes."""
+        sentinel = float("-inf")
+        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=sentinel)
+        gathered = self.accelerator.gather(padded)
+        return gathered[gathered != sentinel]
+
+    # -- reward side --------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        device, mode = rewards.device, self._mode()
+        stop_ids = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)
+        truncated = torch.tensor([int(not ids or ids[-1] not in stop_ids) for ids in completion_ids_list],
+                                 device=device)
+        batch = RewardBatch(
+            reward_names=list(self.reward_func_names),
+            reward_weights=self.reward_weights.to(device),
+            group_size=self.num_generations if mode == "train" else self.num_generations_eval,
+            completion_lengths=self.accelerator.gather(lengths),
+            truncated=self.accelerator.gather(truncated).bool(),
+            max_completion_length=self.max_completion_length,
+            options=self.po_options,
+            args=self.args,
+            step=self.state.global_step,
+            training=mode == "train",
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            log_metric=self._metric_logger(mode),
+        )
+        rewards = self.po_pipeline.shape_rewards(rewards, batch)
+        self._po_rewards = (rewards, batch)
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        rewards, batch = self._po_rewards
+        self._po_rewards = None
+        loss_mask = out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]
+        loss_mask = loss_mask.float()
+        batch.local = out
+        token_rewards = self.po_pipeline.token_rewards(batch, like=loss_mask)
+        batch.completion_mask = self._gather_padded(loss_mask)
+        if token_rewards is not None:
+            batch.token_rewards = self._gather_padded(token_rewards)
+
+        advantages = self.po_pipeline.compute_advantages(rewards, batch)
+        n_local, width = loss_mask.shape
+        rows = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        out["advantages"] = advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
+
+        keep = self.po_pipeline.select_groups(rewards, batch)
+        if keep is not None:
+            keep_rows = keep.repeat_interleave(batch.group_size)[rows].to(out["completion_mask"].dtype)
+            out["completion_mask"] = out["completion_mask"] * keep_rows.unsqueeze(1)
+            if "tool_mask" in out:
+                out["tool_mask"] = out["tool_mask"] * keep_rows.unsqueeze(1)
+            kept_mask = loss_mask * keep_rows.unsqueeze(1)
+            out["num_items_in_batch"] = self.accelerator.gather(kept_mask.sum()).sum()
+            batch.log_metric("groups/kept_fraction", keep.float().mean().item())
+        return out
+
+    # -- trajectory side ----------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        completion_mask = inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask * inputs["tool_mask"] if "tool_mask" in inputs else completion_mask
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _EXTRA_MODEL_INPUTS},
+        )
+        advantages = inputs["advantages"]
+        old_logps = inputs.get("old_per_token_logps")
+        mode = self._mode()
+        training = mode == "train"
+        batch = LossBatch(
+            logps=logps,
+            old_logps=logps.detach() if old_logps is None else old_logps,
+            advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
+            mask=mask.float(),
+            entropies=entropies,
+            ref_logps=inputs.get("ref_per_token_logps"),
+            sampling_logps=inputs.get("sampling_per_token_logps"),
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+            num_items_in_batch=inputs["num_items_in_batch"],
+            accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
+            steps_per_generation=self.args.steps_per_generation,
+            num_processes=self.accelerator.num_processes,
+            max_completion_length=self.max_completion_length,
+            options=self.po_options,
+            args=self.args,
+            inputs=inputs,
+            step=self.state.global_step,
+            training=training,
+            log_metric=self._metric_logger(mode),
+            reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
+            gather=self.accelerator.gather,
+            gather_ragged=self._gather_ragged,
+        )
+        loss = self.po_pipeline.loss(batch)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / batch.accumulation_steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._metrics[mode]["entropy"].append(batch.global_masked_mean(entropies))
+        return loss
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self.po_pipeline.state_dict()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
+        if path is not None and os.path.exists(path):
+            self.po_pipeline.load_state_dict(torch.load(path, weights_only=False))
