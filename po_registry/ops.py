@@ -39,10 +39,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """Bessel-corrected standard deviation ignoring NaN entries (NaN when fewer than two values)."""
     mean = torch.nanmean(x, dim=dim, keepdim=True)
-    sq = (x - mean) ** 2
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=keepdim) if dim is not None else (~torch.isnan(x)).sum()
-    total = torch.nansum(sq, dim=dim, keepdim=keepdim) if dim is not None else torch.nansum(sq)
-    return torch.sqrt(total / (count - 1))
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    bessel = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan"), dtype=variance.dtype))
+    std = torch.sqrt(variance * bessel)
+    if dim is None:
+        return std.reshape(())
+    return std if keepdim else std.squeeze(dim)
 
 
 def group_mean(values: torch.Tensor, group_size: int) -> torch.Tensor:

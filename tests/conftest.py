@@ -34,3 +34,16 @@ def prompt_dataset():
 
     pairs = [(a, b) for a in range(3, 9) for b in range(2, 6)][:16]
     return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
+
+
+@pytest.fixture
+def plugins():
+    """Register plugin objects into the process-wide registry for one test; the registry is reloaded after."""
+    from po_registry import get_registry, reload_registry
+
+    def register(name, plugin):
+        get_registry().register(plugin, name)
+        return plugin
+
+    yield register
+    reload_registry()

@@ -1,0 +1,140 @@
+"""Shared tensor math against hand-computed values, including the degenerate cases."""
+
+import math
+
+import pytest
+import torch
+
+from po_registry.ops import (
+    aggregate,
+    clipped_surrogate,
+    group_mean,
+    group_std,
+    kl_estimate,
+    masked_mean,
+    nanstd,
+    sequence_log_ratio,
+)
+
+
+def test_masked_mean_per_row_and_fully_masked_row():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert masked_mean(x, mask, dim=1).tolist() == [1.5, 0.0, 9.0]  # an empty row gives 0, not NaN
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 9) / 3)
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_group_statistics_bessel_and_nan():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    assert group_mean(rewards, 4).tolist() == [2.5] * 4 + [5.0] * 4
+    std = group_std(rewards, 4)
+    assert std[0].item() == pytest.approx(math.sqrt(5 / 3))  # Bessel-corrected
+    assert std[4:].tolist() == [0.0] * 4  # all-equal group
+    with_nan = torch.tensor([1.0, float("nan"), 3.0, 5.0])
+    assert group_mean(with_nan, 4)[0].item() == pytest.approx(3.0)
+    assert group_std(with_nan, 4)[0].item() == pytest.approx(2.0)
+    assert group_std(torch.tensor([1.0, 2.0]), 1).tolist() == [0.0, 0.0]  # group of one: no spread
+    assert torch.isnan(nanstd(torch.tensor([1.0, float("nan")])))  # a single value has no std
+
+
+def test_group_of_size_two():
+    rewards = torch.tensor([0.0, 1.0])
+    assert group_mean(rewards, 2).tolist() == [0.5, 0.5]
+    assert group_std(rewards, 2)[0].item() == pytest.approx(math.sqrt(0.5))
+
+
+def test_kl_estimators_match_their_formulas():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    log_rho = ref - logp
+    assert torch.allclose(kl_estimate(logp, ref, "k1"), -log_rho)
+    assert torch.allclose(kl_estimate(logp, ref, "k2"), 0.5 * log_rho**2)
+    assert torch.allclose(kl_estimate(logp, ref, "k3"), log_rho.exp() - 1 - log_rho)
+    assert kl_estimate(logp, ref, "k3")[2].item() == 0.0  # identical policies
+    assert (kl_estimate(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k4"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_clipped_surrogate_at_and_beyond_the_boundaries():
+    ratio = torch.tensor([0.7, 0.8, 1.0, 1.2, 1.3, 1.3, 0.7])
+    adv = torch.tensor([-1.0, -1.0, 2.0, 1.0, 1.0, -1.0, 1.0])
+    loss = clipped_surrogate(ratio, adv, 0.2, 0.2)
+    # A < 0, r below 1 - eps: clipped at 0.8; exactly at the boundary both branches agree.
+    # A > 0, r above 1 + eps: clipped at 1.2; A < 0 with r > 1 + eps is *not* clipped (pessimistic bound).
+    expected = torch.tensor([0.8, 0.8, -2.0, -1.2, -1.2, 1.3, -0.7])
+    assert torch.allclose(loss, expected)
+
+
+def test_clipped_surrogate_gradient_vanishes_only_in_the_clipped_region():
+    ratio = torch.tensor([0.7, 1.3, 1.2, 1.1], requires_grad=True)
+    adv = torch.tensor([-1.0, 1.0, 1.0, 1.0])
+    clipped_surrogate(ratio, adv, 0.2, 0.2).sum().backward()
+    # Clipped tokens carry no gradient; an unclipped token's gradient is -A.
+    assert ratio.grad[0].item() == 0.0 and ratio.grad[1].item() == 0.0
+    assert ratio.grad[3].item() == -1.0
+
+
+def test_clip_higher_and_delta():
+    ratio = torch.tensor([1.25, 1.3, 3.0])
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    loss = clipped_surrogate(ratio, adv, 0.2, 0.28)
+    assert torch.allclose(loss, torch.tensor([-1.25, -1.28, 3.0]))
+    bounded = clipped_surrogate(ratio, adv, 0.2, 0.28, delta=2.0)
+    assert bounded[2].item() == pytest.approx(2.0)  # INTELLECT-2: negative advantages bounded at delta
+
+
+def test_sequence_log_ratio_is_length_normalised():
+    log_ratio = torch.tensor([[0.2, 0.4, 9.0], [0.3, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(sequence_log_ratio(log_ratio, mask), torch.tensor([[0.3], [0.3]]))
+
+
+LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4 / 1) / 2),
+        ("token-mean", (1 + 2 + 3 + 4) / 4),
+        ("seq-mean-token-sum-norm", (1 + 2 + 3 + 4) / (2 * 5)),
+        ("global-token-mean", (1 + 2 + 3 + 4) / 8),
+        ("seq-sum", (6 + 4) / 2),
+    ],
+)
+def test_aggregation_modes(mode, expected):
+    got = aggregate(LOSS, MASK, mode, max_completion_length=5, global_tokens_per_step=8.0)
+    assert got.item() == pytest.approx(expected)
+    if mode != "global-token-mean":  # the global mode carries the accumulation in its token count
+        halved = aggregate(LOSS, MASK, mode, accumulation_steps=2, max_completion_length=5, global_tokens_per_step=8.0)
+        assert halved.item() == pytest.approx(expected / 2)
+
+
+def test_aggregation_of_length_one_and_fully_masked_rows():
+    loss = torch.tensor([[5.0], [7.0]])
+    mask = torch.tensor([[1.0], [0.0]])
+    assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(2.5)  # the empty row counts as 0
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx(5.0)
+    assert aggregate(loss, torch.zeros_like(mask), "token-mean").item() == 0.0
+
+
+def test_global_token_mean_is_exact_over_accumulated_micro_batches():
+    """Two micro-batches of one optimizer step sum to the token mean of the whole batch."""
+    full_loss = torch.tensor([[1.0, 2.0], [3.0, 0.0], [4.0, 5.0], [6.0, 7.0]])
+    full_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    tokens = full_mask.sum()
+    parts = [aggregate(full_loss[i : i + 2], full_mask[i : i + 2], "global-token-mean", global_tokens_per_step=tokens)
+             for i in (0, 2)]
+    assert sum(parts).item() == pytest.approx(masked_mean(full_loss, full_mask).item())
+
+
+def test_aggregation_broadcasts_sequence_level_losses():
+    loss = torch.tensor([[2.0], [4.0]])
+    assert aggregate(loss, MASK, "token-mean").item() == pytest.approx((2 * 3 + 4) / 4)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        aggregate(loss, MASK, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate(loss, MASK, "mean-of-everything")

@@ -1,0 +1,130 @@
+"""Reward-side stages beyond the baseline: shaping, dense token rewards, group selection; plugin state."""
+
+from __future__ import annotations
+
+import torch
+from helpers import build, generation_rows
+
+from po_registry import hookimpl
+from po_registry.config import PolicyOptimizationConfig
+from po_registry.trainer import STATE_FILE, PolicyOptimizationTrainer
+
+
+class _Component:
+    """A plugin that registers a method of the same name made of itself."""
+
+    name = ""
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register(self.name, components=[self.name])
+
+
+class LengthPenalty(_Component):
+    name = "length-penalty"
+
+    def __init__(self):
+        self.seen = None
+
+    @hookimpl
+    def po_shape_rewards(self, rewards, batch):
+        self.seen = (batch.completion_lengths.clone(), batch.truncated.clone())
+        return rewards - 0.01 * batch.completion_lengths.unsqueeze(1)
+
+
+class DenseBonus(_Component):
+    name = "dense-bonus"
+
+    @hookimpl
+    def po_token_rewards(self, batch):
+        mask = batch.local["completion_mask"].float()
+        return 0.5 * mask
+
+
+class KeepFirstGroup(_Component):
+    name = "keep-first"
+
+    @hookimpl
+    def po_select_groups(self, rewards, batch):
+        keep = torch.zeros(batch.num_groups, dtype=torch.bool)
+        keep[0] = True
+        return keep
+
+
+def _trainer(plugins, plugin, tiny_model_dir, tokenizer, prompt_dataset, tmp_path, **flags):
+    plugins(plugin.name, plugin)
+    trainer = build(PolicyOptimizationTrainer, PolicyOptimizationConfig, tiny_model_dir, tokenizer, prompt_dataset,
+                    tmp_path, methods=[plugin.name], per_device_train_batch_size=8, **flags)
+    trainer.model.train()  # as during training: metrics go to the "train" log
+    return trainer
+
+
+def test_shaping_sees_lengths_and_truncation(plugins, tiny_model_dir, tokenizer, prompt_dataset, tmp_path):
+    shaper = LengthPenalty()
+    trainer = _trainer(plugins, shaper, tiny_model_dir, tokenizer, prompt_dataset, tmp_path)
+    out = trainer._generate_and_score_completions(generation_rows(prompt_dataset, trainer, prompts=2))
+    lengths, truncated = shaper.seen
+    assert torch.equal(lengths, out["completion_mask"].sum(1))
+    last = out["completion_ids"].gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+    assert torch.equal(truncated, (last != tokenizer.eos_token_id) & (last != tokenizer.pad_token_id))
+    assert trainer._metrics["train"]["reward"]  # TRL's reward metrics computed from the shaped matrix
+
+
+def test_dense_token_rewards_become_per_token_advantages(plugins, tiny_model_dir, tokenizer, prompt_dataset,
+                                                           tmp_path):
+    trainer = _trainer(plugins, DenseBonus(), tiny_model_dir, tokenizer, prompt_dataset, tmp_path)
+    rows = generation_rows(prompt_dataset, trainer, prompts=2)
+    out = trainer._generate_and_score_completions(rows)
+    advantages, mask = out["advantages"], out["completion_mask"].float()
+    assert advantages.shape == mask.shape
+    sequence = advantages[:, 0] - 0.5  # the first token is never padding
+    assert torch.allclose(advantages, (sequence.unsqueeze(1) + 0.5) * mask)
+    trainer.train()  # the loss accepts (B, T) advantages
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)
+
+
+def test_dropped_groups_leave_the_loss_and_the_token_count(plugins, tiny_model_dir, tokenizer, prompt_dataset,
+                                                            tmp_path):
+    trainer = _trainer(plugins, KeepFirstGroup(), tiny_model_dir, tokenizer, prompt_dataset, tmp_path)
+    out = trainer._generate_and_score_completions(generation_rows(prompt_dataset, trainer, prompts=2))
+    G = trainer.num_generations
+    assert out["completion_mask"][G:].sum() == 0 and out["completion_mask"][:G].sum() > 0
+    assert out["num_items_in_batch"] == out["completion_mask"][:G].sum()
+    assert trainer._metrics["train"]["groups/kept_fraction"] == [0.5]
+
+
+class Counter(_Component):
+    """A stateful plugin: counts the advantage batches it has seen; the count is checkpointed."""
+
+    name = "counter"
+
+    def __init__(self):
+        self.batches = 0
+
+    @hookimpl
+    def po_shape_rewards(self, batch):
+        self.batches += 1
+
+    @hookimpl
+    def po_state_dict(self):
+        return {"batches": self.batches}
+
+    @hookimpl
+    def po_load_state_dict(self, state):
+        self.batches = state["batches"]
+
+
+def test_plugin_state_is_saved_and_restored_with_checkpoints(plugins, tiny_model_dir, tokenizer, prompt_dataset,
+                                                               tmp_path):
+    counter = Counter()
+    trainer = _trainer(plugins, counter, tiny_model_dir, tokenizer, prompt_dataset, tmp_path, max_steps=2,
+                       save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert counter.batches == 2
+    checkpoint = tmp_path / "checkpoint-2"
+    assert torch.load(checkpoint / STATE_FILE) == {"counter": {"batches": 2}}
+    counter.batches = 0
+    resumed = build(PolicyOptimizationTrainer, PolicyOptimizationConfig, tiny_model_dir, tokenizer, prompt_dataset,
+                    tmp_path, methods=["counter"], per_device_train_batch_size=8, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert counter.batches == 3  # restored 2, then one more step
