@@ -21,10 +21,8 @@ from po_registry.trainer import PolicyOptimizationTrainer  # noqa: E402
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
 tokenizer = char_tokenizer()
-model_dir = os.path.join(out, "model")
-if rank == 0:
-    tiny_causal_lm(tokenizer).save_pretrained(model_dir)
-torch.distributed.barrier() if torch.distributed.is_initialized() else None
+model_dir = os.path.join(out, f"model-{rank}")  # the same seeded model, one copy per rank: no race on the files
+tiny_causal_lm(tokenizer).save_pretrained(model_dir)
 pairs = [(a, b) for a in range(3, 9) for b in range(2, 6)][:16]
 dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
 flags = dict(loss_type="dapo", beta=0.04, gradient_accumulation_steps=2, num_iterations=2, max_steps=2,
@@ -42,3 +40,5 @@ if rank == 0:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({"max_param_diff": max(params), "losses": losses,
                    "world_size": results["ours"].accelerator.num_processes}, f)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a live gloo group at interpreter exit can abort the process
