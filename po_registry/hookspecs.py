@@ -90,6 +90,15 @@ def po_declare_options(register):
 
 
 @stage("lifecycle", "each")
+def po_register_tasks(register):
+    """Register embedded tasks for ``po-registry train --task``.
+
+    Call ``register(task)`` with a :class:`po_registry.tasks.Task` (a problem generator, its answer check and the
+    completion length it needs). A name registered twice is a load fault naming both plugins.
+    """
+
+
+@stage("lifecycle", "each")
 def po_check_config(args, options):
     """Refuse a configuration this plugin cannot honour. Called when the config is built, before training.
 

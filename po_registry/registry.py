@@ -11,6 +11,7 @@ shown by :meth:`Registry.describe` and raised when the chosen methods need the f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import inspect
@@ -135,6 +136,7 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.methods: dict[str, Method] = {}
         self.options: dict[str, Option] = {}
+        self.tasks: dict = {}
         self.faults: dict[str, list[str]] = {}  # plugin name -> problems found while loading
         self._entry_point_faults: dict[str, list[str]] = {}
 
@@ -190,6 +192,7 @@ class Registry:
     def _collect(self) -> None:
         self.methods.clear()
         self.options.clear()
+        self.tasks.clear()
         self.faults = {name: list(problems) for name, problems in self._entry_point_faults.items()}
         for info in self.plugins.values():
             if info.plugin is None:
@@ -200,6 +203,9 @@ class Registry:
             for impl in self.pm.hook.po_declare_options.get_hookimpls():
                 if impl.plugin is info.plugin:
                     self._call_registration(info.name, impl.function, "po_declare_options", self._option_adder)
+            for impl in self.pm.hook.po_register_tasks.get_hookimpls():
+                if impl.plugin is info.plugin:
+                    self._call_registration(info.name, impl.function, "po_register_tasks", self._task_adder)
 
     def _call_registration(self, plugin: str, function, hook: str, adder) -> None:
         try:
@@ -230,6 +236,16 @@ class Registry:
                 self._fault(other, f"option {name!r} is also declared by plugin {plugin!r}")
                 return
             self.options[name] = Option(name, default, plugin, help, type, tuple(choices) if choices else None, check)
+
+        return register
+
+    def _task_adder(self, plugin: str):
+        def register(task) -> None:
+            if task.name in self.tasks:
+                other = self.tasks[task.name].plugin
+                self._fault(plugin, f"task {task.name!r} is already registered by plugin {other!r}")
+                return
+            self.tasks[task.name] = dataclasses.replace(task, plugin=plugin)
 
         return register
 

@@ -47,3 +47,16 @@ def plugins():
 
     yield register
     reload_registry()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Embedded warm starts are built once per test session, in a private cache."""
+    path = tmp_path_factory.mktemp("po-registry-cache")
+    previous = os.environ.get("PO_REGISTRY_CACHE")
+    os.environ["PO_REGISTRY_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("PO_REGISTRY_CACHE", None)
+    else:
+        os.environ["PO_REGISTRY_CACHE"] = previous

@@ -230,7 +230,14 @@ COMPONENTS = {
 
 
 class BaselineMethod:
-    """Registers the ``grpo`` method: every baseline component."""
+    """Registers the ``grpo`` method (every baseline component) and the embedded tasks."""
+
+    @hookimpl
+    def po_register_tasks(self, register):
+        from ..tasks import BUILTIN_TASKS
+
+        for task in BUILTIN_TASKS:
+            register(task)
 
     @hookimpl
     def po_register_methods(self, register):

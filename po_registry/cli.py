@@ -1,0 +1,261 @@
+"""The ``po-registry`` command: train, eval, and browse plugins and methods.
+
+Bad arguments print one line on stderr and exit with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+PROG = "po-registry"
+
+
+class UsageError(Exception):
+    """Bad input found before training: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Policy-optimization methods for language models, as plugins on TRL.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model with the chosen methods (default: the embedded job)",
+                                description="Train with LoRA (default) or full fine-tuning. With no arguments: "
+                                "the embedded ~1M-parameter model on 2-digit addition, GRPO, LoRA r16.")
+    train.add_argument("--method", action="append", metavar="NAME[,NAME]",
+                       help="method(s) to compose; repeat or comma-separate (default: grpo)")
+    train.add_argument("--model", help="a local Hugging Face model directory or a .gguf file (default: embedded)")
+    train.add_argument("--task", help="embedded task (default: addition; see `po-registry tasks`)")
+    train.add_argument("--dataset", help="a local file that `datasets` loads (csv, json, jsonl, parquet) with "
+                       "'prompt' and 'answer' columns; evaluated on a held-out tenth")
+    train.add_argument("--reward", help="'exact' (default) or a Python reward function as module:function")
+    lora = train.add_mutually_exclusive_group()
+    lora.add_argument("--lora-r", type=_positive_int, help="LoRA rank (default 16)")
+    lora.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA")
+    train.add_argument("--steps", type=_positive_int, help="optimizer steps (default 150)")
+    train.add_argument("--learning-rate", type=float, help="default 5e-4 with LoRA, 5e-5 without")
+    train.add_argument("--config", help="YAML file: any of these options and any PolicyOptimizationConfig field")
+    train.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE",
+                       help="an option of the chosen methods' plugins (repeatable)")
+    train.add_argument("--output-dir", help="where the run is written (default: runs/<task>-<methods>)")
+    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--eval-every", type=_positive_int, help="greedy-accuracy evaluation period (default 20)")
+    train.add_argument("--eval-size", type=_positive_int, help="held-out problems per evaluation (default 512)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+
+    evaluate = commands.add_parser("eval", help="greedy accuracy of a model (and adapter) on a task",
+                                   description="Greedy accuracy on the task's held-out problems.")
+    evaluate.add_argument("--model", help="model directory or .gguf file (default: the embedded warm start)")
+    evaluate.add_argument("--adapter", help="a LoRA adapter directory to apply (from `po-registry train`)")
+    evaluate.add_argument("--task", default="addition", help="embedded task (default: addition)")
+    evaluate.add_argument("--eval-size", type=_positive_int, default=512, help="held-out problems (default 512)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    plugins = commands.add_parser("plugins", help="installed plugins: versions, hooks, methods, load errors",
+                                  description="List installed plugins.")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+
+    methods = commands.add_parser("methods", help="the method map: each method's components by side",
+                                  description="Each method, which side each of its components changes, the "
+                                  "failure it targets and its paper.")
+    methods.add_argument("--json", action="store_true", help="print JSON")
+
+    explain = commands.add_parser("explain", help="the assembled pipeline of one or more methods",
+                                  description="Which plugin owns each stage, the options and whether the "
+                                  "composition is valid.")
+    explain.add_argument("methods", nargs="+", metavar="METHOD")
+    explain.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE")
+
+    tasks = commands.add_parser("tasks", help="the embedded tasks", description="List the embedded tasks.")
+    tasks.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        handler = {"train": _train, "eval": _eval, "plugins": _plugins, "methods": _methods,
+                   "explain": _explain, "tasks": _tasks}[args.command]
+        return handler(args)
+    except UsageError as exc:
+        print(str(exc).splitlines()[0], file=sys.stderr)
+        return 2
+
+
+def _fail(command: str, message: str):
+    raise UsageError(f"{PROG} {command}: error: {message}")
+
+
+# -- browsing ---------------------------------------------------------------------------------------------------
+
+
+def _plugins(args) -> int:
+    from .registry import get_registry
+
+    rows = get_registry().describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        origin = "built-in" if row["builtin"] else f"{row['distribution']} {row['version']}"
+        print(f"{row['name']} ({origin})")
+        if row["error"]:
+            print(f"  FAILED TO LOAD: {row['error']}")
+        for fault in row["faults"]:
+            print(f"  fault: {fault}")
+        if row["hooks"]:
+            print(f"  hooks: {', '.join(row['hooks'])}")
+        if row["methods"]:
+            print(f"  methods: {', '.join(row['methods'])}")
+    return 0
+
+
+def method_map() -> list[dict]:
+    """Each method with its components grouped by the side of the stages they implement."""
+    from .pipeline import _implemented_hooks
+    from .registry import get_registry, stage_of
+
+    registry = get_registry()
+    rows = []
+    for method in sorted(registry.methods.values(), key=lambda m: m.name):
+        sides: dict[str, list[str]] = {"reward": [], "trajectory": []}
+        for component in method.components:
+            info = registry.plugins.get(component)
+            if info is None or info.plugin is None:
+                continue
+            hooks = _implemented_hooks(info.plugin, registry)
+            for side in sorted({stage_of(h).side for h in hooks} - {"lifecycle"}):
+                sides[side].append(component)
+        rows.append({"method": method.name, "side": method.side, "components": sides, "targets": method.targets,
+                     "summary": method.summary, "paper": method.paper, "plugin": method.plugin})
+    return rows
+
+
+def _methods(args) -> int:
+    rows = method_map()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['method']}  [{row['side'] or '?'}]  {row['summary']}")
+        for side in ("reward", "trajectory"):
+            if row["components"][side]:
+                print(f"  {side + ' side:':17s} {', '.join(row['components'][side])}")
+        if row["targets"]:
+            print(f"  {'targets:':17s} {row['targets']}")
+        if row["paper"]:
+            print(f"  {'paper:':17s} {row['paper']}")
+    return 0
+
+
+def _explain(args) -> int:
+    from .errors import PORegistryError
+    from .pipeline import assemble
+
+    try:
+        assembly = assemble(args.methods, dict(args.option or []))
+    except PORegistryError as exc:
+        print(f"composition: INVALID: {exc}")
+        return 2
+    print(assembly.explain())
+    print("composition: valid")
+    return 0
+
+
+def _tasks(args) -> int:
+    from .tasks import get_tasks
+
+    rows = [{"task": t.name, "description": t.description, "max_completion_length": t.max_completion_length,
+             "plugin": t.plugin, "example": list(t.problems(1, 0)[0])} for t in get_tasks().values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        prompt, answer = row["example"]
+        print(f"{row['task']}: {row['description']}  e.g. {prompt!r} -> {answer!r}")
+    return 0
+
+
+# -- eval -------------------------------------------------------------------------------------------------------
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress bars: no library deprecation chatter or per-file loading bars."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    import datasets
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report unreadable files ourselves
+
+
+def _eval(args) -> int:
+    from .embedded import greedy_accuracy
+    from .errors import PORegistryError
+    from .run import load_model, resolve_task
+
+    _quiet_libraries()
+    try:
+        task = resolve_task(args.task)
+    except PORegistryError as exc:
+        _fail("eval", str(exc))
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        _fail("eval", f"--adapter {args.adapter}: no adapter_config.json there")
+    model, tokenizer = load_model(args.model, task, command="eval")
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    accuracy = greedy_accuracy(model, tokenizer, task.eval_problems(args.eval_size), task.max_completion_length)
+    if args.json:
+        print(json.dumps({"task": task.name, "accuracy": accuracy, "problems": args.eval_size}))
+    else:
+        print(f"{task.name}: greedy accuracy {accuracy:.1%} on {args.eval_size} held-out problems")
+    return 0
+
+
+def _train(args) -> int:
+    from .run import train
+
+    _quiet_libraries()
+    return train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""The ``po-registry train`` job: settings, model and data, training with live progress, and the run directory.
+
+A run directory holds ``adapter/`` (LoRA, loadable with peft) or ``model/`` (full fine-tuning), ``metrics.jsonl``
+(every logged step and every evaluation), ``plot.png`` (reward and greedy accuracy over steps), ``config.yaml``
+(the resolved settings; ``po-registry train --config`` reproduces the run), ``summary.json`` and
+``checkpoints/`` (for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .cli import UsageError, _fail
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "method": ["grpo"],
+    "model": None,
+    "task": "addition",
+    "dataset": None,
+    "reward": "exact",
+    "lora_r": 16,
+    "no_lora": False,
+    "steps": 150,
+    "learning_rate": None,
+    "seed": 0,
+    "eval_every": 20,
+    "eval_size": 512,
+    "output_dir": None,
+}
+# Trainer settings of the embedded recipe; a YAML file may override any PolicyOptimizationConfig field.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 64,
+    "num_generations": 8,
+    "temperature": 1.0,
+    "beta": 0.0,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "steps",
+    "save_total_limit": 1,
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+}
+
+
+@dataclasses.dataclass
+class DatasetTask:
+    """A task read from a file: the last tenth of the rows is held out for evaluation."""
+
+    name: str
+    train_rows: list[tuple[str, str]]
+    eval_rows: list[tuple[str, str]]
+    max_completion_length: int
+
+    def dataset(self, count: int | None = None, seed: int = 0):
+        from datasets import Dataset
+
+        prompts, answers = zip(*self.train_rows)
+        return Dataset.from_dict({"prompt": list(prompts), "answer": list(answers)})
+
+    def eval_problems(self, count: int = 512):
+        return self.eval_rows[:count]
+
+
+def resolve_task(name: str):
+    from .tasks import get_task
+
+    return get_task(name)
+
+
+def _read_dataset(path: str, tokenizer_free_limit: int = 64) -> DatasetTask:
+    file = Path(path)
+    formats = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    if not file.is_file():
+        _fail("train", f"--dataset {path}: no such file")
+    if file.suffix.lower() not in formats:
+        _fail("train", f"--dataset {path}: unsupported format {file.suffix!r}; use {', '.join(formats)}")
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(formats[file.suffix.lower()], data_files=str(file), split="train")
+    except Exception as exc:
+        _fail("train", f"--dataset {path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+    missing = {"prompt", "answer"} - set(data.column_names)
+    if missing:
+        _fail("train", f"--dataset {path}: missing column(s) {', '.join(sorted(missing))} "
+                       f"(has {', '.join(data.column_names)})")
+    rows = [(str(p), str(a)) for p, a in zip(data["prompt"], data["answer"])]
+    if len(rows) < 10:
+        _fail("train", f"--dataset {path}: {len(rows)} rows; at least 10 are needed (a tenth is held out)")
+    held_out = max(1, len(rows) // 10)
+    longest = max(len(answer) for _, answer in rows)
+    return DatasetTask(file.name, rows[:-held_out], rows[-held_out:], min(longest + 2, tokenizer_free_limit))
+
+
+def _reward(spec: str):
+    from .tasks import exact_match
+
+    if spec == "exact":
+        return exact_match
+    if ":" not in spec:
+        _fail("train", f"--reward {spec!r}: use 'exact' or a Python function as module:function")
+    module_name, function_name = spec.split(":", 1)
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        _fail("train", f"--reward {spec!r}: {type(exc).__name__}: {exc}")
+    if not callable(function):
+        _fail("train", f"--reward {spec!r} is not callable")
+    return function
+
+
+def load_model(model: str | None, task, command: str = "train"):
+    """(model, tokenizer) from a directory, a .gguf file, or the embedded warm start of ``task``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if model is None:
+        if not hasattr(task, "make_problem"):
+            task = resolve_task("addition")
+        location = _embedded(task)
+    elif model.lower().endswith(".gguf"):
+        file = Path(model)
+        if not file.is_file():
+            _fail(command, f"--model {model}: no such file")
+        if importlib.util.find_spec("gguf") is None:
+            _fail(command, "--model: reading a GGUF file needs the 'gguf' package (pip install gguf)")
+        location, kwargs = file.parent, {"gguf_file": file.name}
+    else:
+        location = Path(model)
+        if not (location / "config.json").is_file():
+            _fail(command, f"--model {model}: not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except Exception as exc:
+        _fail(command, f"--model {model or location}: cannot be loaded ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    if getattr(loaded.config, "quantization_config", None) is not None and kwargs:  # GGUF: de-quantised weights
+        del loaded.config.quantization_config
+        loaded.hf_quantizer = None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return loaded, tokenizer
+
+
+def _embedded(task) -> Path:
+    from tqdm.auto import tqdm
+
+    from .embedded import cache_dir, embedded_model_dir
+
+    bar = None
+
+    def progress(step, loss, accuracy):
+        nonlocal bar
+        if bar is None:
+            print(f"warm-starting the embedded model on {task.name} (first use; cached in {cache_dir()})")
+            bar = tqdm(desc="warm start", unit="step")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{accuracy:.1%}"} if accuracy is not None else {}))
+
+    location = embedded_model_dir(task, progress=progress)
+    if bar is not None:
+        bar.close()
+    return location
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+
+
+def _trainer_fields() -> dict[str, Any]:
+    """PolicyOptimizationConfig's fields and their defaults."""
+    from .config import PolicyOptimizationConfig
+
+    fields = {}
+    for f in dataclasses.fields(PolicyOptimizationConfig):
+        if f.init:
+            fields[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return fields
+
+
+def _check_type(source, key: str, value: Any, default: Any) -> Any:
+    """A YAML value must have the type of the field's default (ints are accepted for floats)."""
+    if default is None or value is None or isinstance(default, (list, dict)):
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    _fail("train", f"{source}: {key} must be {expected.__name__}, got {value!r}")
+
+
+def resolve_settings(args) -> tuple[dict, dict, dict]:
+    """(run settings, trainer overrides, method options): defaults < saved run (--resume) < --config < flags."""
+    from .errors import closest
+
+    run, trainer, options = dict(RUN_DEFAULTS), {}, {}
+    sources = []
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            _fail("train", f"--resume {args.resume}: not a run directory (no config.yaml)")
+        sources.append(saved)
+    if args.config:
+        if not Path(args.config).is_file():
+            _fail("train", f"--config {args.config}: no such file")
+        sources.append(Path(args.config))
+    fields = _trainer_fields()
+    for source in sources:
+        import yaml
+
+        try:
+            data = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            _fail("train", f"{source}: invalid YAML ({str(exc).splitlines()[0]})")
+        if not isinstance(data, dict):
+            _fail("train", f"{source}: expected a mapping of option names to values")
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            if key in ("method_options", "options"):
+                if not isinstance(value, dict):
+                    _fail("train", f"{source}: {key} must be a mapping")
+                options.update(value)
+            elif key in ("method", "methods"):
+                run["method"] = value if isinstance(value, list) else [value]
+            elif key in RUN_DEFAULTS:
+                run[key] = value
+            elif key in fields:
+                trainer[key] = _check_type(source, key, value, fields[key])
+            else:
+                known = list(RUN_DEFAULTS) + sorted(fields)
+                _fail("train", f"{source}: unknown setting {key!r}.{closest(key, known)}")
+    for key in RUN_DEFAULTS:
+        value = getattr(args, key, None)
+        if key == "method" and value:
+            run["method"] = [name.strip() for item in value for name in item.split(",") if name.strip()]
+        elif key == "no_lora" and value:
+            run["no_lora"] = True
+        elif key not in ("method", "no_lora") and value is not None:
+            run[key] = value
+    if args.lora_r is not None:
+        run["no_lora"] = False
+    options.update(dict(args.option or []))
+    return run, trainer, options
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run_dir / "checkpoints"
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(found) if found else None
+
+
+# -- the job ----------------------------------------------------------------------------------------------------
+
+
+def train(args) -> int:
+    import torch
+
+    from .config import PolicyOptimizationConfig
+    from .errors import PORegistryError
+
+    run, trainer_overrides, options = resolve_settings(args)
+    resume_from = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        resume_from = _last_checkpoint(run_dir)
+        if resume_from is None:
+            _fail("train", f"--resume {args.resume}: no checkpoint to resume from in {run_dir / 'checkpoints'}")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(run["output_dir"] or f"runs/{run['task']}-{'+'.join(run['method'])}-{stamp}")
+        if (run_dir / "config.yaml").exists():
+            _fail("train", f"--output-dir {run_dir} already holds a run; choose another or --resume it")
+    for key in ("steps", "eval_every", "eval_size", "lora_r"):
+        if not isinstance(run[key], int) or isinstance(run[key], bool) or run[key] <= 0:
+            _fail("train", f"{key.replace('_', '-')} must be a positive integer, got {run[key]!r}")
+
+    try:
+        task = _read_dataset(run["dataset"]) if run["dataset"] else resolve_task(run["task"])
+        embedded_task = resolve_task(run["task"])
+    except PORegistryError as exc:
+        _fail("train", str(exc))
+    reward = _reward(run["reward"])
+    use_lora = not run["no_lora"]
+    learning_rate = run["learning_rate"] or (5e-4 if use_lora else 5e-5)
+    settings = {
+        **TRAINER_DEFAULTS,
+        "max_completion_length": task.max_completion_length,
+        "learning_rate": learning_rate,
+        "max_steps": run["steps"],
+        "save_steps": max(1, min(50, run["steps"])),
+        "seed": run["seed"],
+        **trainer_overrides,
+        "output_dir": str(run_dir / "checkpoints"),
+        "methods": run["method"],
+        "method_options": options,
+    }
+    if not torch.cuda.is_available():
+        settings.setdefault("use_cpu", True)
+    try:
+        config = PolicyOptimizationConfig(**settings)
+    except PORegistryError as exc:
+        _fail("train", str(exc))
+    except (TypeError, ValueError) as exc:
+        _fail("train", f"invalid trainer setting: {str(exc).splitlines()[0]}")
+
+    model, tokenizer = load_model(run["model"], embedded_task if run["model"] is None else task)
+    # Everything is valid: from here on the run directory is written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The settings that reproduce the run; values derived from them (max_steps, save_steps, ...) are left out
+    # so that flags given with --resume or --config still apply.
+    resolved = {**{k: v for k, v in run.items() if k != "output_dir"}, "learning_rate": learning_rate,
+                **TRAINER_DEFAULTS, **trainer_overrides, "method_options": config.method_options}
+    _write_yaml(run_dir / "config.yaml", resolved)
+    return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from)
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from) -> int:
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+
+    from .embedded import greedy_accuracy
+    from .trainer import PolicyOptimizationTrainer
+
+    eval_problems = task.eval_problems(run["eval_size"])
+    summary_path = run_dir / "summary.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    started = time.time()
+    before = previous.get("accuracy_before")
+    if before is None:
+        before = greedy_accuracy(model, tokenizer, eval_problems, task.max_completion_length)
+    print(f"{task.name}: greedy accuracy before training {before:.1%} ({len(eval_problems)} held-out problems)")
+    peft_config = LoraConfig(r=run["lora_r"], lora_alpha=2 * run["lora_r"], lora_dropout=0.0,
+                             target_modules="all-linear") if use_lora else None
+    progress = LiveProgress(run_dir / "metrics.jsonl", eval_problems, tokenizer, task.max_completion_length,
+                            run["eval_every"], config.max_steps, before)
+    trainer = PolicyOptimizationTrainer(model=model, reward_funcs=[reward], args=config,
+                                        train_dataset=task.dataset(seed=run["seed"]), processing_class=tokenizer,
+                                        peft_config=peft_config, callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    after = progress.accuracy
+    target = run_dir / ("adapter" if use_lora else "model")
+    trainer.save_model(str(target))
+    elapsed = time.time() - started + previous.get("seconds", 0.0)
+    summary = {"task": task.name, "methods": config.methods, "steps": trainer.state.global_step,
+               "accuracy_before": before, "accuracy_after": after, "seconds": round(elapsed, 1),
+               "lora": use_lora, "saved": target.name}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    plot(run_dir / "metrics.jsonl", run_dir / "plot.png", title=f"{task.name} - {'+'.join(config.methods)}")
+    print(f"{task.name}: greedy accuracy {before:.1%} -> {after:.1%} ({100 * (after - before):+.1f} points) in "
+          f"{trainer.state.global_step} steps, {elapsed:.0f} s")
+    print(f"wrote {run_dir}/: {target.name}/, metrics.jsonl, plot.png, config.yaml, summary.json")
+    return 0
+
+
+class LiveProgress(TrainerCallback):
+    """A progress bar with live reward and accuracy; writes every log and evaluation to metrics.jsonl."""
+
+    def __init__(self, metrics_path: Path, problems, tokenizer, max_new_tokens: int, eval_every: int,
+                 total_steps: int, accuracy: float):
+        self.metrics_path, self.problems, self.tokenizer = metrics_path, problems, tokenizer
+        self.max_new_tokens, self.eval_every, self.total = max_new_tokens, eval_every, total_steps
+        self.accuracy, self.reward, self.bar = accuracy, None, None
+
+    def _write(self, row: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=state.global_step, desc="training", unit="step")
+        if state.global_step == 0:
+            self._write({"step": 0, "eval_accuracy": self.accuracy})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.reward = logs["reward"]
+            self._write({"step": state.global_step, **logs})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.eval_every == 0 or step == state.max_steps:
+            from .embedded import greedy_accuracy
+
+            self.accuracy = greedy_accuracy(model, self.tokenizer, self.problems, self.max_new_tokens)
+            self._write({"step": step, "eval_accuracy": self.accuracy})
+        self.bar.update(step - self.bar.n)
+        postfix = {"acc": f"{self.accuracy:.1%}"}
+        if self.reward is not None:
+            postfix["reward"] = f"{self.reward:.3f}"
+        self.bar.set_postfix(postfix)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def plot(metrics_path: Path, out: Path, title: str = "") -> None:
+    """Sampled reward and greedy accuracy over steps, from metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rewards = [(r["step"], r["reward"]) for r in rows if "reward" in r]
+    accuracy = sorted({r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}.items())
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if rewards:
+        steps, values = zip(*rewards)
+        axis.plot(steps, values, color="tab:blue", alpha=0.3, label="sampled reward (mean)")
+        window = max(1, len(values) // 15)
+        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                  for i in range(len(values))]
+        axis.plot(steps, smooth, color="tab:blue", label=f"sampled reward ({window}-step average)")
+    if accuracy:
+        axis.plot(*zip(*accuracy), color="tab:red", marker="o", label="greedy accuracy (held out)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+__all__ = ["UsageError", "load_model", "plot", "resolve_settings", "train"]
