@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="the embedded tasks", description="List the embedded tasks.")
     tasks.add_argument("--json", action="store_true", help="print JSON")
+
+    from .scaffold import TEMPLATES
+
+    scaffold = commands.add_parser("new-plugin", help="generate a method-plugin distribution",
+                                   description="Generate a pip-installable method plugin: entry point, a working "
+                                   "component for one stage, README, and tests that pass before any edit.")
+    scaffold.add_argument("name", help="distribution and method name, e.g. my-method")
+    scaffold.add_argument("--stage", choices=list(TEMPLATES), default="advantages",
+                          help="which stage the skeleton implements (default: advantages)")
+    scaffold.add_argument("--directory", default=".", help="where to create NAME/ (default: here)")
     return parser
 
 
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         handler = {"train": _train, "eval": _eval, "plugins": _plugins, "methods": _methods,
-                   "explain": _explain, "tasks": _tasks}[args.command]
+                   "explain": _explain, "tasks": _tasks, "new-plugin": _new_plugin}[args.command]
         return handler(args)
     except UsageError as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
@@ -204,6 +214,18 @@ def _tasks(args) -> int:
     for row in rows:
         prompt, answer = row["example"]
         print(f"{row['task']}: {row['description']}  e.g. {prompt!r} -> {answer!r}")
+    return 0
+
+
+def _new_plugin(args) -> int:
+    from .scaffold import ScaffoldError, generate
+
+    try:
+        root = generate(args.name, args.stage, args.directory)
+    except ScaffoldError as exc:
+        _fail("new-plugin", str(exc))
+    print(f"created {root}/ ({args.stage} template). Next:")
+    print(f"  pip install -e {root} && python -m pytest {root}/tests")
     return 0
 
 

@@ -1,12 +1,333 @@
-"""Helpers for tests of po-registry and of its plugins: a character tokenizer and tiny causal LMs built offline."""
+"""Test kit for plugin authors, loaded by pytest as a plugin (entry point ``pytest11``).
+
+Fixtures: ``po_tokenizer``, ``po_tiny_model``, ``po_reward_batch`` and ``po_loss_batch`` (factories of synthetic
+batches), ``po_trainer`` (a factory of ready trainers on a tiny model). The conformance suite runs with one
+line in a plugin's tests::
+
+    from po_registry.testing import PluginConformance
+
+    class TestConformance(PluginConformance):
+        method = "my-method"
+
+It checks the method's assembled pipeline: documented shapes, dtypes, devices and finite values on every stage;
+gradients where they must flow and none at masked positions; masked positions without effect on the loss;
+degenerate groups (all-equal rewards, groups of two, fully masked rows, length-1 completions); determinism under a
+seed; options that reject bad values with a message naming them; and a short end-to-end training run.
+
+Heavy libraries are imported inside the fixtures, so that loading this plugin costs pytest nothing.
+"""
 
 from __future__ import annotations
 
-from .embedded import char_tokenizer, llama
+from typing import Any
 
-__all__ = ["char_tokenizer", "tiny_causal_lm"]
+import pytest
+
+__all__ = ["PluginConformance", "char_tokenizer", "loss_batch", "reward_batch", "tiny_causal_lm"]
+
+
+def char_tokenizer():
+    """The embedded character-level tokenizer (54 tokens)."""
+    from .embedded import char_tokenizer as build
+
+    return build()
 
 
 def tiny_causal_lm(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
     """A randomly initialised Llama small enough for unit tests (about 30k parameters by default)."""
+    from .embedded import llama
+
     return llama(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers, tie=False)
+
+
+def default_args(methods=("grpo",), options=None, **fields):
+    """A CPU ``PolicyOptimizationConfig`` for synthetic batches (no output is written)."""
+    import tempfile
+
+    from .config import PolicyOptimizationConfig
+
+    fields = {"use_cpu": True, "bf16": False, "report_to": "none", "max_completion_length": 8, **fields}
+    return PolicyOptimizationConfig(output_dir=tempfile.gettempdir(), methods=list(methods),
+                                    method_options=dict(options or {}), **fields)
+
+
+def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1, width: int = 6, seed: int = 0,
+                 rewards=None, args=None, options=None):
+    """(rewards (N, K), RewardBatch) of a synthetic global batch: random 0/1 rewards unless given, ragged
+    completion lengths (one of length 1), the last row truncated."""
+    import torch
+
+    from .batches import RewardBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    n = group_size * num_groups
+    if rewards is None:
+        rewards = torch.randint(0, 2, (n, num_rewards), generator=generator).float()
+    lengths = torch.randint(1, width + 1, (n,), generator=generator)
+    lengths[0], lengths[-1] = 1, width
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    truncated = torch.zeros(n, dtype=torch.bool)
+    truncated[-1] = True
+    args = args or default_args()
+    local = {"completion_ids": torch.randint(4, 20, (n, width), generator=generator) * mask.long(),
+             "completion_mask": mask.long(), "prompt_ids": torch.randint(4, 20, (n, 3), generator=generator),
+             "prompt_mask": torch.ones(n, 3, dtype=torch.long)}
+    batch = RewardBatch(
+        reward_names=[f"reward_{k}" for k in range(rewards.shape[1])],
+        reward_weights=torch.ones(rewards.shape[1]),
+        group_size=group_size,
+        completion_lengths=lengths,
+        truncated=truncated,
+        max_completion_length=width,
+        options=dict(options or {}),
+        args=args,
+        completion_mask=mask,
+        local=local,
+    )
+    return rewards, batch
+
+
+def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantages: bool = False,
+               off_policy: float = 0.3, args=None, options=None):
+    """A synthetic LossBatch: ``logps`` is a leaf tensor with ``requires_grad``; row 0 is fully masked, row 1
+    has one token; behaviour log-probs differ from the policy's by ``off_policy`` noise so ratios leave 1."""
+    import torch
+
+    from .batches import LossBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    logps = (-torch.rand(rows, width, generator=generator) * 3).requires_grad_()
+    lengths = torch.randint(2, width + 1, (rows,), generator=generator)
+    lengths[0], lengths[1] = 0, 1
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    shape = (rows, width) if per_token_advantages else (rows, 1)
+    advantages = torch.randn(shape, generator=generator)
+    old = logps.detach() + off_policy * torch.randn(rows, width, generator=generator)
+    args = args or default_args()
+    return LossBatch(
+        logps=logps,
+        old_logps=old,
+        advantages=advantages,
+        mask=mask,
+        entropies=torch.rand(rows, width, generator=generator) * 2,
+        ref_logps=logps.detach() + 0.1 * torch.randn(rows, width, generator=generator),
+        sampling_logps=None,
+        importance_sampling_ratio=None,
+        num_items_in_batch=mask.sum(),
+        accumulation_steps=1,
+        steps_per_generation=1,
+        num_processes=1,
+        max_completion_length=width,
+        options=dict(options or {}),
+        args=args,
+        inputs={"completion_mask": mask.long()},
+    )
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def po_tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def po_tiny_model(po_tokenizer):
+    return tiny_causal_lm(po_tokenizer)
+
+
+@pytest.fixture
+def po_reward_batch():
+    """Factory: ``po_reward_batch(group_size=4, num_groups=3, ...)`` -> (rewards, RewardBatch)."""
+    return reward_batch
+
+
+@pytest.fixture
+def po_loss_batch():
+    """Factory: ``po_loss_batch(rows=6, width=5, ...)`` -> LossBatch."""
+    return loss_batch
+
+
+@pytest.fixture
+def po_trainer(tmp_path, po_tokenizer):
+    """Factory of a PolicyOptimizationTrainer on a tiny random model and addition prompts:
+    ``po_trainer(methods=["grpo"], method_options={}, max_steps=2, **config_fields)``."""
+
+    def build(methods=("grpo",), method_options=None, reward_funcs=None, **fields):
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from .config import PolicyOptimizationConfig
+        from .tasks import exact_match, get_task
+        from .trainer import PolicyOptimizationTrainer
+
+        def partial_credit(completions, answer, **kwargs):
+            exact = exact_match(completions, answer)
+            return [e + 0.1 * sum(ch.isdigit() for ch in text) for e, text in zip(exact, completions)]
+
+        config = dict(output_dir=str(tmp_path / "trainer"), use_cpu=True, bf16=False, report_to="none",
+                      gradient_checkpointing=False, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, learning_rate=1e-2, max_steps=2, logging_steps=1, save_strategy="no",
+                      disable_tqdm=True, seed=0, methods=list(methods), method_options=dict(method_options or {}))
+        config.update(fields)
+        model_dir = tmp_path / "tiny-model"  # a path, so TRL can reload the reference model when beta > 0
+        if not model_dir.exists():
+            tiny_causal_lm(po_tokenizer).save_pretrained(model_dir)
+        return PolicyOptimizationTrainer(
+            model=str(model_dir), processing_class=po_tokenizer,
+            reward_funcs=reward_funcs or [partial_credit], args=PolicyOptimizationConfig(**config),
+            train_dataset=get_task("addition").dataset(64),
+        )
+
+    return build
+
+
+# -- the conformance suite --------------------------------------------------------------------------------------
+
+
+class PluginConformance:
+    """Subclass with ``method = "name"``; optionally ``options`` (plugin options) and ``config`` (GRPOConfig
+    fields) to check a particular configuration, and ``train_steps`` for the end-to-end run (0 skips it)."""
+
+    method: str = ""
+    options: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    train_steps: int = 2
+
+    # -- helpers --
+
+    def _args(self):
+        return default_args([self.method], self.options, **self.config)
+
+    def _pipeline(self):
+        from .pipeline import Pipeline
+
+        args = self._args()
+        return Pipeline(args.resolve()), args
+
+    def _loss(self, pipeline, args, **kwargs):
+        import torch
+
+        torch.manual_seed(0)
+        batch = loss_batch(args=args, options=pipeline.options, **kwargs)
+        loss = pipeline.loss(batch)
+        return loss, batch
+
+    def _advantages(self, pipeline, args, **kwargs):
+        rewards, batch = reward_batch(args=args, options=pipeline.options, **kwargs)
+        rewards = pipeline.shape_rewards(rewards, batch)
+        token = pipeline.token_rewards(batch, like=batch.completion_mask)
+        batch.token_rewards = token
+        advantages = pipeline.compute_advantages(rewards, batch)
+        keep = pipeline.select_groups(rewards, batch)
+        return advantages, keep, batch
+
+    # -- checks --
+
+    def test_method_assembles_with_its_components(self):
+        from .registry import get_registry
+
+        assert self.method, "set `method` on the conformance class"
+        pipeline, _ = self._pipeline()
+        method = get_registry().method(self.method)
+        for component in method.components:
+            assert component in pipeline.assembly.components, f"component {component!r} is not in the pipeline"
+
+    @pytest.mark.parametrize("group_size", [2, 4])
+    def test_advantages_have_documented_shape_and_are_finite(self, group_size):
+        import torch
+
+        pipeline, args = self._pipeline()
+        advantages, keep, batch = self._advantages(pipeline, args, group_size=group_size)
+        assert advantages.shape in ((batch.num_rows,), tuple(batch.completion_mask.shape))
+        assert advantages.dtype.is_floating_point and torch.isfinite(advantages).all()
+        if keep is not None:
+            assert keep.shape == (batch.num_groups,) and keep.dtype == torch.bool
+
+    def test_degenerate_groups_give_finite_advantages(self):
+        import torch
+
+        pipeline, args = self._pipeline()
+        equal = torch.ones(12, 1)
+        advantages, _, _ = self._advantages(pipeline, args, rewards=equal)
+        assert torch.isfinite(advantages).all()
+        unscorable = torch.rand(12, 1)
+        unscorable[:4] = float("nan")  # a reward function returned None for a whole group
+        advantages, _, _ = self._advantages(pipeline, args, rewards=unscorable)
+        assert torch.isfinite(advantages).all()
+
+    @pytest.mark.parametrize("per_token_advantages", [False, True])
+    def test_loss_is_a_finite_scalar_with_gradient(self, per_token_advantages):
+        import torch
+
+        pipeline, args = self._pipeline()
+        loss, batch = self._loss(pipeline, args, per_token_advantages=per_token_advantages)
+        assert loss.shape == () and torch.isfinite(loss)
+        loss.backward()
+        grad = batch.logps.grad
+        assert grad is not None and torch.isfinite(grad).all()
+        assert grad[batch.mask.bool()].abs().sum() > 0, "no gradient reaches the unmasked tokens"
+        assert (grad[~batch.mask.bool()] == 0).all(), "masked tokens received gradient"
+
+    def test_masked_positions_have_no_effect(self):
+        import torch
+
+        pipeline, args = self._pipeline()
+        loss, batch = self._loss(pipeline, args, per_token_advantages=True)
+        loss.backward()
+        masked = ~batch.mask.bool()
+        torch.manual_seed(0)
+        other = loss_batch(args=args, options=pipeline.options, per_token_advantages=True)
+        noise = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for name in ("logps", "old_logps", "ref_logps", "entropies", "advantages"):
+                tensor = getattr(other, name)
+                junk = -5 * torch.rand(tensor.shape, generator=noise)
+                tensor[masked] = junk[masked]
+        changed = pipeline.loss(other)
+        changed.backward()
+        assert torch.allclose(loss, changed, atol=1e-6), "values at masked positions changed the loss"
+        assert torch.allclose(batch.logps.grad[~masked], other.logps.grad[~masked], atol=1e-6)
+
+    def test_deterministic_under_a_seed(self):
+        import torch
+
+        pipeline, args = self._pipeline()
+        first, _ = self._loss(pipeline, args, per_token_advantages=True)
+        second, _ = self._loss(pipeline, args, per_token_advantages=True)
+        assert torch.equal(first, second)
+        a, _, _ = self._advantages(pipeline, args)
+        b, _, _ = self._advantages(pipeline, args)
+        assert torch.equal(a, b)
+
+    def test_options_reject_bad_values_by_name(self):
+        from .errors import OptionError
+        from .pipeline import assemble
+        from .registry import get_registry
+
+        registry = get_registry()
+        pipeline, _ = self._pipeline()
+        for name, option in registry.options.items():
+            if option.plugin not in pipeline.assembly.components:
+                continue
+            if option.choices is not None:
+                bad = "__not_a_choice__"
+            elif option.type in (int, float, bool):
+                bad = "not-a-value"
+            else:
+                continue
+            with pytest.raises(OptionError, match=name):
+                assemble([self.method], {**self.options, name: bad})
+
+    def test_trains_end_to_end(self, po_trainer):
+        import torch
+
+        if not self.train_steps:
+            pytest.skip("train_steps = 0")
+        trainer = po_trainer([self.method], self.options, max_steps=self.train_steps, **self.config)
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train()
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        assert len(losses) == self.train_steps and all(torch.isfinite(torch.tensor(losses)))
+        assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters())), "no parameter changed"

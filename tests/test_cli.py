@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from po_registry import hookimpl
 from po_registry.cli import build_parser, main
+from po_registry.ops import group_mean
 
 
 def run_cli(capsys, *argv):
@@ -155,3 +157,59 @@ def test_default_job_as_the_readme_describes(capsys, tmp_path):
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 150 and summary["accuracy_after"] >= summary["accuracy_before"] + 0.1, summary
+
+
+class _TaskAndOption:
+    """A plugin that adds a task and a method with an option."""
+
+    @hookimpl
+    def po_register_tasks(self, register):
+        from po_registry.tasks import Task
+
+        register(Task("double", "double a digit: 'dbl 3=' -> '6'", _double, 4))
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register("scaled", components=["task-and-option"])
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register("advantage_scale", 1.0, type=float, check=lambda v: v > 0, help="must be > 0")
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        total = batch.weighted_reward(rewards).nan_to_num(0.0)
+        return (total - group_mean(total, batch.group_size)) * batch.options["advantage_scale"]
+
+
+def _double(rng):
+    digit = rng.randint(0, 9)
+    return f"dbl {digit}=", str(2 * digit)
+
+
+def test_plugins_add_tasks_and_options_reach_them_from_flags_and_yaml(capsys, tmp_path, plugins):
+    plugins("task-and-option", _TaskAndOption())
+    code, out, _ = run_cli(capsys, "tasks")
+    assert code == 0 and "double: double a digit" in out
+    code, out, _ = run_cli(capsys, "explain", "scaled", "--option", "advantage_scale=2")
+    assert code == 0 and "advantage_scale = 2.0 (user)" in out
+    code, _, err = run_cli(capsys, "train", "--method", "scaled", "--option", "advantage_scale=-1",
+                           "--output-dir", str(tmp_path / "bad"))
+    assert code == 2 and "option 'advantage_scale' (plugin 'task-and-option') rejects -1.0: must be > 0" in err
+    config = tmp_path / "run.yaml"
+    config.write_text("method: scaled\ntask: double\nsteps: 2\neval_every: 2\neval_size: 16\n"
+                      "per_device_train_batch_size: 16\nmethod_options:\n  advantage_scale: 3\n")
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--output-dir", str(tmp_path / "run"),
+                           "--model", _embedded_addition_model())
+    assert code == 0, err
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method_options"] == {"advantage_scale": 3.0} and saved["task"] == "double"
+
+
+def _embedded_addition_model() -> str:
+    from po_registry.embedded import embedded_model_dir
+    from po_registry.tasks import get_task
+
+    return str(embedded_model_dir(get_task("addition")))
