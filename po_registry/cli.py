@@ -151,28 +151,9 @@ def _plugins(args) -> int:
     return 0
 
 
-def method_map() -> list[dict]:
-    """Each method with its components grouped by the side of the stages they implement."""
-    from .pipeline import _implemented_hooks
-    from .registry import get_registry, stage_of
-
-    registry = get_registry()
-    rows = []
-    for method in sorted(registry.methods.values(), key=lambda m: m.name):
-        sides: dict[str, list[str]] = {"reward": [], "trajectory": []}
-        for component in method.components:
-            info = registry.plugins.get(component)
-            if info is None or info.plugin is None:
-                continue
-            hooks = _implemented_hooks(info.plugin, registry)
-            for side in sorted({stage_of(h).side for h in hooks} - {"lifecycle"}):
-                sides[side].append(component)
-        rows.append({"method": method.name, "side": method.side, "components": sides, "targets": method.targets,
-                     "summary": method.summary, "paper": method.paper, "plugin": method.plugin})
-    return rows
-
-
 def _methods(args) -> int:
+    from .docs import method_map
+
     rows = method_map()
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -100,7 +100,9 @@ def assemble(
         if stage_of(hook).single_owner and not owners[hook]:
             raise CompositionError(f"stage {hook} has no owner: no chosen method nor the baseline implements it")
     # Keep the baseline's order first, then the methods' components, for a stable call order.
-    order = {name: i for i, name in enumerate(list(baseline.components) + list(brought_by))}
+    order: dict[str, int] = {}
+    for name in [*baseline.components, *brought_by]:
+        order.setdefault(name, len(order))
     for hook in owners:
         owners[hook].sort(key=lambda name: order[name])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import build, generation_rows
 
@@ -128,3 +129,69 @@ def test_plugin_state_is_saved_and_restored_with_checkpoints(plugins, tiny_model
                     tmp_path, methods=["counter"], per_device_train_batch_size=8, max_steps=3)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert counter.batches == 3  # restored 2, then one more step
+
+
+class TrajectoryKit(_Component):
+    """Implements every trajectory-side stage it can with a known effect, plus set-up and config checks."""
+
+    name = "trajectory-kit"
+
+    def __init__(self):
+        self.setup_calls = []
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.beta != 0.0:
+            raise ValueError(f"beta must be 0 with this kit, got {args.beta}")
+
+    @hookimpl
+    def po_setup(self, trainer, options):
+        self.setup_calls.append((trainer, options))
+
+    @hookimpl
+    def po_log_importance_weights(self, batch):
+        return (batch.logps - batch.old_logps).sum(-1, keepdim=True)  # an unnormalised sequence log-ratio
+
+    @hookimpl
+    def po_token_mask(self, batch):
+        keep = torch.zeros_like(batch.mask)
+        keep[:, 0] = 1.0
+        return keep
+
+    @hookimpl
+    def po_rollout_correction(self, batch):
+        return torch.full((batch.mask.shape[0], 1), 0.5)
+
+    @hookimpl
+    def po_loss_penalty(self, batch):
+        return torch.tensor(2.0)
+
+
+def test_trajectory_stages_compose_in_the_documented_order(plugins):
+    from po_registry.ops import clipped_surrogate
+    from po_registry.pipeline import Pipeline, assemble
+    from po_registry.testing import default_args, loss_batch
+
+    plugins("trajectory-kit", TrajectoryKit())
+    assembly = assemble(["trajectory-kit"])
+    assert assembly.owners["po_log_importance_weights"] == ["trajectory-kit"]
+    assert assembly.owners["po_token_mask"] == ["entropy-mask", "off-policy-mask", "trajectory-kit"]
+    args = default_args(["trajectory-kit"], loss_type="bnpo")
+    batch = loss_batch(args=args, per_token_advantages=True)
+    loss = Pipeline(assembly).loss(batch)
+    # Expected, by hand: objective(sequence ratio) x first-token mask x 0.5, token mean (bnpo), + 2.0.
+    ratio = torch.exp((batch.logps - batch.old_logps).sum(-1, keepdim=True))
+    per_token = clipped_surrogate(ratio, batch.advantages, 0.2, 0.2) * 0.5
+    per_token = per_token * torch.nn.functional.pad(torch.ones(batch.mask.shape[0], 1), (0, batch.mask.shape[1] - 1))
+    expected = (per_token * batch.mask).sum() / batch.mask.sum() + 2.0
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_setup_and_config_checks_reach_the_plugin(plugins, po_trainer):
+    from po_registry import OptionError
+
+    kit = plugins("trajectory-kit", TrajectoryKit())
+    trainer = po_trainer(["trajectory-kit"])
+    assert kit.setup_calls == [(trainer, {})]
+    with pytest.raises(OptionError, match="plugin 'trajectory-kit': beta must be 0 with this kit, got 0.1"):
+        po_trainer(["trajectory-kit"], beta=0.1)
