@@ -30,6 +30,10 @@ from typing import Literal
 import pluggy
 
 PROJECT = "po_registry"
+# A plugin may declare the version of this specification it was written for as ``po_registry_api = 1``
+# (a module or class attribute); the registry refuses versions it does not support.
+API_VERSION = 1
+SUPPORTED_API_VERSIONS = frozenset({1})
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

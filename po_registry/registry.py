@@ -138,7 +138,7 @@ class Registry:
         self.options: dict[str, Option] = {}
         self.tasks: dict = {}
         self.faults: dict[str, list[str]] = {}  # plugin name -> problems found while loading
-        self._entry_point_faults: dict[str, list[str]] = {}
+        self._load_faults: dict[str, list[str]] = {}
 
         from .builtin import BUILTIN_PLUGINS
 
@@ -159,7 +159,7 @@ class Registry:
                 continue
             if ep.name in self.plugins:
                 problem = f"entry point {ep.name!r} of {dist} clashes with an already loaded plugin"
-                self._entry_point_faults.setdefault(ep.name, []).append(problem)
+                self._load_faults.setdefault(ep.name, []).append(problem)
                 continue
             try:
                 plugin = ep.load()
@@ -178,6 +178,11 @@ class Registry:
             return
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
         self.plugins[name] = PluginInfo(name, plugin, distribution, version, builtin, hooks=hooks)
+        api = getattr(plugin, "po_registry_api", hookspecs.API_VERSION)
+        if api not in hookspecs.SUPPORTED_API_VERSIONS:
+            supported = ", ".join(map(str, sorted(hookspecs.SUPPORTED_API_VERSIONS)))
+            self._load_faults.setdefault(name, []).append(
+                f"written for hook specification version {api}; this po-registry supports {supported}")
 
     def register(self, plugin: Any, name: str, distribution: str = "(registered at run time)") -> None:
         """Register a plugin object by hand (notebooks, tests): the same as an entry point named ``name``."""
@@ -193,7 +198,7 @@ class Registry:
         self.methods.clear()
         self.options.clear()
         self.tasks.clear()
-        self.faults = {name: list(problems) for name, problems in self._entry_point_faults.items()}
+        self.faults = {name: list(problems) for name, problems in self._load_faults.items()}
         for info in self.plugins.values():
             if info.plugin is None:
                 continue

@@ -198,3 +198,18 @@ def test_method_registered_twice_is_a_load_fault(plugins):
     assert faults["adv-b"] == ["method 'same-name' is already registered by plugin 'adv-a'"]
     with pytest.raises(PluginLoadError, match="needs plugin 'adv-a', which has load faults: method 'same-name'"):
         assemble(["same-name"])
+
+
+class _FutureApi(_Advantage):
+    po_registry_api = 2
+
+
+def test_plugin_for_an_unsupported_hookspec_version_is_listed_and_refused_only_when_needed(plugins):
+    from po_registry import get_registry
+
+    plugins("future", _FutureApi("future"))
+    row = next(r for r in get_registry().describe() if r["name"] == "future")
+    assert row["faults"] == ["written for hook specification version 2; this po-registry supports 1"]
+    assemble(["grpo"])  # not needed: no error
+    with pytest.raises(PluginLoadError, match="needs plugin 'future', which has load faults: written for hook"):
+        assemble(["future"])

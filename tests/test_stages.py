@@ -195,3 +195,49 @@ def test_setup_and_config_checks_reach_the_plugin(plugins, po_trainer):
     assert kit.setup_calls == [(trainer, {})]
     with pytest.raises(OptionError, match="plugin 'trajectory-kit': beta must be 0 with this kit, got 0.1"):
         po_trainer(["trajectory-kit"], beta=0.1)
+
+
+class ScheduledScale(_Component):
+    """Advantages scaled by a schedule that advances per batch: its state decides the training trajectory."""
+
+    name = "scheduled-scale"
+
+    def __init__(self):
+        self.batches = 0
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        from po_registry.ops import group_mean
+
+        self.batches += 1
+        total = batch.weighted_reward(rewards).nan_to_num(0.0)
+        return (total - group_mean(total, batch.group_size)) * (1.0 + 0.5 * self.batches)
+
+    @hookimpl
+    def po_state_dict(self):
+        return {"batches": self.batches}
+
+    @hookimpl
+    def po_load_state_dict(self, state):
+        self.batches = state["batches"]
+
+
+def test_resumed_run_continues_exactly_as_the_uninterrupted_one(plugins, po_trainer, tmp_path):
+    schedule = plugins("scheduled-scale", ScheduledScale())
+    straight = po_trainer(["scheduled-scale"], max_steps=4, output_dir=str(tmp_path / "straight"))
+    straight.train()
+    straight_losses = [row["loss"] for row in straight.state.log_history if "loss" in row]
+
+    schedule.batches = 0
+    first = po_trainer(["scheduled-scale"], max_steps=4, output_dir=str(tmp_path / "split"), save_strategy="steps",
+                       save_steps=2)
+    first.train()  # runs to 4 too, leaving checkpoint-2 behind
+    schedule.batches = 99  # whatever the plugin holds now, resuming restores the checkpoint's state
+    resumed = po_trainer(["scheduled-scale"], max_steps=4, output_dir=str(tmp_path / "split"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    assert schedule.batches == 4
+    resumed_losses = [row["loss"] for row in resumed.state.log_history if "loss" in row]
+    # The resumed history holds steps 1-2 from the checkpoint and 3-4 trained after resuming.
+    assert len(resumed_losses) == 4 and resumed_losses == pytest.approx(straight_losses, abs=1e-6)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
