@@ -98,7 +98,9 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
     generator = torch.Generator().manual_seed(seed)
     logps = (-torch.rand(rows, width, generator=generator) * 3).requires_grad_()
     lengths = torch.randint(2, width + 1, (rows,), generator=generator)
-    lengths[0], lengths[1] = 0, 1
+    lengths[0] = 0
+    if rows > 1:
+        lengths[1] = 1
     mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).float()
     shape = (rows, width) if per_token_advantages else (rows, 1)
     advantages = torch.randn(shape, generator=generator)
@@ -151,10 +153,11 @@ def po_loss_batch():
 
 @pytest.fixture
 def po_trainer(tmp_path, po_tokenizer):
-    """Factory of a PolicyOptimizationTrainer on a tiny random model and addition prompts:
-    ``po_trainer(methods=["grpo"], method_options={}, max_steps=2, **config_fields)``."""
+    """Factory of a PolicyOptimizationTrainer on addition prompts, with a tiny random model or, with
+    ``embedded=True``, the embedded warm-started model (built on first use, then cached):
+    ``po_trainer(methods=["grpo"], method_options={}, max_steps=2, embedded=False, **config_fields)``."""
 
-    def build(methods=("grpo",), method_options=None, reward_funcs=None, **fields):
+    def build(methods=("grpo",), method_options=None, reward_funcs=None, embedded=False, **fields):
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,10 +175,18 @@ def po_trainer(tmp_path, po_tokenizer):
                       disable_tqdm=True, seed=0, methods=list(methods), method_options=dict(method_options or {}))
         config.update(fields)
         model_dir = tmp_path / "tiny-model"  # a path, so TRL can reload the reference model when beta > 0
-        if not model_dir.exists():
+        tokenizer = po_tokenizer
+        if embedded:
+            from transformers import AutoTokenizer
+
+            from .embedded import embedded_model_dir
+
+            model_dir = embedded_model_dir(get_task("addition"))
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        elif not model_dir.exists():
             tiny_causal_lm(po_tokenizer).save_pretrained(model_dir)
         return PolicyOptimizationTrainer(
-            model=str(model_dir), processing_class=po_tokenizer,
+            model=str(model_dir), processing_class=tokenizer,
             reward_funcs=reward_funcs or [partial_credit], args=PolicyOptimizationConfig(**config),
             train_dataset=get_task("addition").dataset(64),
         )
@@ -188,12 +199,14 @@ def po_trainer(tmp_path, po_tokenizer):
 
 class PluginConformance:
     """Subclass with ``method = "name"``; optionally ``options`` (plugin options) and ``config`` (GRPOConfig
-    fields) to check a particular configuration, and ``train_steps`` for the end-to-end run (0 skips it)."""
+    fields) to check a particular configuration, ``train_steps`` for the end-to-end run on the embedded model
+    (0 skips it) and ``metrics`` it must log."""
 
     method: str = ""
     options: dict[str, Any] = {}
     config: dict[str, Any] = {}
     train_steps: int = 2
+    metrics: tuple[str, ...] = ()  # metrics the method must log during training
 
     # -- helpers --
 
@@ -325,9 +338,99 @@ class PluginConformance:
 
         if not self.train_steps:
             pytest.skip("train_steps = 0")
-        trainer = po_trainer([self.method], self.options, max_steps=self.train_steps, **self.config)
+        trainer = po_trainer([self.method], self.options, max_steps=self.train_steps, embedded=True,
+                             learning_rate=1e-4, **self.config)
         before = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.train()
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         assert len(losses) == self.train_steps and all(torch.isfinite(torch.tensor(losses)))
         assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters())), "no parameter changed"
+        for metric in self.metrics:
+            assert any(metric in row for row in trainer.state.log_history), f"metric {metric!r} was not logged"
+
+
+# -- parity with TRL's own implementation -----------------------------------------------------------------------
+
+
+def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | None = None,
+               shared_flags: dict | None = None, off_policy: float = 0.3, seed: int = 0) -> dict:
+    """Loss and gradients of our trainer with ``methods`` against TRL's ``GRPOTrainer`` with ``trl_flags``, on
+    one identical off-policy micro-batch (behaviour log-probs shifted by ``off_policy`` noise so that ratios leave
+    1 and clipping acts). Returns {"stock_loss", "ours_loss", "max_grad_diff", "advantages_diff"}."""
+    import os
+
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .config import PolicyOptimizationConfig
+    from .tasks import exact_match, get_task
+    from .trainer import PolicyOptimizationTrainer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    def partial_credit(completions, answer, **kwargs):
+        return [e + 0.1 * sum(ch.isdigit() for ch in text) for e, text in zip(exact_match(completions, answer),
+                                                                            completions)]
+
+    common = dict(use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
+                  per_device_train_batch_size=16, num_generations=4, max_completion_length=6, learning_rate=1e-2,
+                  max_steps=1, save_strategy="no", disable_tqdm=True, seed=seed, gradient_accumulation_steps=2,
+                  **(shared_flags or {}))
+    dataset = get_task("addition").dataset(64)
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="po-parity-")
+    stock = GRPOTrainer(model=model_dir, reward_funcs=[partial_credit], processing_class=tokenizer,
+                        train_dataset=dataset, args=GRPOConfig(output_dir=out, **common, **trl_flags))
+    ours = PolicyOptimizationTrainer(
+        model=model_dir, reward_funcs=[partial_credit], processing_class=tokenizer, train_dataset=dataset,
+        args=PolicyOptimizationConfig(output_dir=out, methods=list(methods), method_options=dict(options or {}),
+                                      **common))
+    rows = [dict(dataset[i]) for i in range(4) for _ in range(4)]
+    results = {}
+    for name, trainer in (("stock", stock), ("ours", ours)):
+        trainer.model.train()
+        torch.manual_seed(seed)
+        results[name] = trainer._generate_and_score_completions([dict(r) for r in rows])
+    inputs = results["stock"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps, _, _ = stock._get_per_token_logps_and_entropies(stock.model, ids, attention,
+                                                               inputs["completion_ids"].size(1))
+    noise = torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grads, losses = {}, {}
+    for name, trainer in (("stock", stock), ("ours", ours)):
+        batch = dict(results[name])
+        batch["old_per_token_logps"] = logps + off_policy * noise
+        trainer.model.zero_grad()
+        trainer.current_gradient_accumulation_steps = 2
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    return {
+        "stock_loss": losses["stock"],
+        "ours_loss": losses["ours"],
+        "max_grad_diff": max((a - b).abs().max().item() for a, b in zip(grads["stock"], grads["ours"])),
+        "advantages_diff": (results["stock"]["advantages"] - results["ours"]["advantages"]).abs().max().item(),
+        "completions_equal": torch.equal(results["stock"]["completion_ids"], results["ours"]["completion_ids"]),
+    }
+
+
+@pytest.fixture(scope="session")
+def po_tiny_model_dir(tmp_path_factory, po_tokenizer):
+    """A tiny random Llama saved to a directory (TRL reloads references from a path)."""
+    path = tmp_path_factory.mktemp("po-tiny-model")
+    tiny_causal_lm(po_tokenizer).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def po_trl_parity(po_tiny_model_dir, po_tokenizer):
+    """``po_trl_parity(methods, trl_flags, options=None, shared_flags=None)`` -> see :func:`trl_parity`."""
+
+    def compare(methods, trl_flags, options=None, shared_flags=None, **kwargs):
+        return trl_parity(po_tiny_model_dir, po_tokenizer, methods, trl_flags, options, shared_flags, **kwargs)
+
+    return compare
