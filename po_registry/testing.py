@@ -353,10 +353,12 @@ class PluginConformance:
 
 
 def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | None = None,
-               shared_flags: dict | None = None, off_policy: float = 0.3, seed: int = 0) -> dict:
-    """Loss and gradients of our trainer with ``methods`` against TRL's ``GRPOTrainer`` with ``trl_flags``, on
-    one identical off-policy micro-batch (behaviour log-probs shifted by ``off_policy`` noise so that ratios leave
-    1 and clipping acts). Returns {"stock_loss", "ours_loss", "max_grad_diff", "advantages_diff"}."""
+               shared_flags: dict | None = None, off_policy: float = 0.3, seed: int = 0,
+               stock_classes: tuple | None = None) -> dict:
+    """Loss and gradients of our trainer with ``methods`` against TRL's ``GRPOTrainer`` (or the
+    ``(trainer, config)`` classes in ``stock_classes``) with ``trl_flags``, on one identical off-policy
+    micro-batch (behaviour log-probs shifted by ``off_policy`` noise so that ratios leave 1 and clipping acts).
+    Returns {"stock_loss", "ours_loss", "max_grad_diff", "advantages_diff", "completions_equal"}."""
     import os
 
     import torch
@@ -380,8 +382,9 @@ def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | N
     import tempfile
 
     out = tempfile.mkdtemp(prefix="po-parity-")
-    stock = GRPOTrainer(model=model_dir, reward_funcs=[partial_credit], processing_class=tokenizer,
-                        train_dataset=dataset, args=GRPOConfig(output_dir=out, **common, **trl_flags))
+    stock_trainer, stock_config = stock_classes or (GRPOTrainer, GRPOConfig)
+    stock = stock_trainer(model=model_dir, reward_funcs=[partial_credit], processing_class=tokenizer,
+                          train_dataset=dataset, args=stock_config(output_dir=out, **common, **trl_flags))
     ours = PolicyOptimizationTrainer(
         model=model_dir, reward_funcs=[partial_credit], processing_class=tokenizer, train_dataset=dataset,
         args=PolicyOptimizationConfig(output_dir=out, methods=list(methods), method_options=dict(options or {}),
