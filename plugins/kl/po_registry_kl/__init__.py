@@ -1,0 +1,47 @@
+"""KL regularisation toward the reference policy with a chosen estimator (Schulman 2020).
+
+Per token, with log rho = log pi_ref - log pi_theta on tokens sampled from pi_theta:
+  k1 = -log rho (unbiased, high variance, can be negative), k2 = (log rho)^2 / 2 (biased, low variance),
+  k3 = (rho - 1) - log rho (unbiased, low variance, >= 0).
+Added to the per-token loss as beta * k; with importance correction (DeepSeek-V3.2) times pi_theta/pi_old, which
+keeps the estimate unbiased when the samples come from pi_old (off-policy updates).
+"""
+
+import torch
+
+from po_registry import hookimpl
+from po_registry.ops import kl_estimate
+
+
+class KLPenalty:
+    @hookimpl
+    def po_register_methods(self, register):
+        register(
+            "kl",
+            components=["kl"],
+            replaces=["reference-kl"],
+            side="trajectory",
+            summary="KL to the reference in the loss, estimator k1, k2 or k3, optionally importance-corrected",
+            targets="drift from the reference policy; the estimator trades bias for variance",
+            paper="http://joschu.net/blog/kl-approx.html; arXiv 2512.02556 (importance-corrected)",
+        )
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register("kl_estimator", "k3", choices=("k1", "k2", "k3"), help="which per-token KL estimator")
+        register("kl_importance_correction", True, type=bool,
+                 help="multiply by pi_theta/pi_old so off-policy samples give an unbiased estimate")
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.beta <= 0:
+            raise ValueError(f"the kl method needs beta > 0 (the KL coefficient; it also makes the trainer "
+                             f"compute reference log-probs), got beta={args.beta}")
+
+    @hookimpl
+    def po_token_penalty(self, batch, log_weights):
+        kl = kl_estimate(batch.logps, batch.ref_logps, batch.options["kl_estimator"])
+        if batch.options["kl_importance_correction"]:
+            kl = kl * torch.exp(log_weights)
+        batch.log_metric(f"kl/{batch.options['kl_estimator']}", batch.global_masked_mean(kl.detach()))
+        return batch.args.beta * kl
