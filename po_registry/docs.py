@@ -27,6 +27,7 @@ COMBINE = {
     "sum": "composable: summed",
     "product": "composable: multiplied",
     "all": "composable: intersected (kept only if every plugin keeps it)",
+    "max": "composable: the largest answer wins",
     "each": "every implementation is called",
 }
 

@@ -38,7 +38,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 Side = Literal["reward", "trajectory", "lifecycle"]
-Combine = Literal["single", "fold", "product", "sum", "all", "each"]
+Combine = Literal["single", "fold", "product", "sum", "all", "max", "each"]
 
 
 @dataclass(frozen=True)
@@ -173,13 +173,33 @@ def po_compute_advantages(rewards, batch):
 
 
 @stage("reward", "all")
+def po_select_samples(rewards, batch):
+    """Sample selection (overlong filtering). Composable: a completion is kept only if every plugin keeps it.
+
+    ``rewards``: (N, K) shaped reward matrix; return a bool tensor (N,) with True for completions to keep, or
+    None to keep all. Dropped completions leave the loss and the token count that normalises it (TRL's
+    ``mask_truncated_completions`` semantics); their advantages are still computed with their group.
+    """
+
+
+@stage("reward", "all")
 def po_select_groups(rewards, batch):
     """Group selection (what dynamic sampling needs). Composable: a group is kept only if every plugin keeps it.
 
     ``rewards``: (N, K) shaped reward matrix; return a bool tensor (N // G,) with True for groups to keep, or
     None to keep all. Dropped groups are removed from the loss: their loss mask is zeroed and the token count
     that normalises the loss is recomputed. The decision is taken on the gathered batch, so it is the same on
-    every process.
+    every process. With :func:`po_refill_rounds`, the trainer generates fresh groups to replace dropped ones.
+    """
+
+
+@stage("reward", "max")
+def po_refill_rounds(options):
+    """Dynamic sampling: how many extra generation rounds the trainer may run, per generation batch, to replace
+    groups dropped by :func:`po_select_groups` with fresh prompts until the batch is full again. Composable: the
+    largest answer wins. Return an int >= 0 or None. Training only; the batch size stays constant, a shortfall
+    after the last round is filled with dropped groups (which carry no loss), and every process runs the same
+    number of rounds (the decision is taken on counts gathered from all processes).
     """
 
 

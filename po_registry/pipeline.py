@@ -223,17 +223,34 @@ class Pipeline:
         return result
 
     def select_groups(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor | None:
+        """Intersection of the groups every plugin keeps, (N // G,) bool, or None."""
+        return self._intersect("po_select_groups", rewards, batch, batch.num_groups)
+
+    def select_samples(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor | None:
+        """Intersection of the completions every plugin keeps, (N,) bool, or None."""
+        return self._intersect("po_select_samples", rewards, batch, batch.num_rows)
+
+    def _intersect(self, hook: str, rewards: torch.Tensor, batch: RewardBatch, size: int) -> torch.Tensor | None:
         keep = None
-        for plugin, result in self._call("po_select_groups", batch.step, rewards=rewards, batch=batch):
+        for plugin, result in self._call(hook, batch.step, rewards=rewards, batch=batch):
             if result is None:
                 continue
-            if not isinstance(result, torch.Tensor) or result.dtype != torch.bool or tuple(result.shape) != (
-                batch.num_groups,
-            ):
-                raise HookError(plugin, "po_select_groups", batch.step,
-                                f"must return a bool tensor of shape ({batch.num_groups},), got {_describe(result)}")
+            if not isinstance(result, torch.Tensor) or result.dtype != torch.bool or tuple(result.shape) != (size,):
+                raise HookError(plugin, hook, batch.step, f"must return a bool tensor of shape ({size},), got "
+                                f"{_describe(result)}")
             keep = result if keep is None else keep & result
         return keep
+
+    def refill_rounds(self) -> int:
+        """Extra generation rounds for dynamic sampling: the largest any plugin asks for (0 if none)."""
+        rounds = 0
+        for plugin, result in self._call("po_refill_rounds", None, options=self.options):
+            if result is None:
+                continue
+            if not isinstance(result, int) or isinstance(result, bool) or result < 0:
+                raise HookError(plugin, "po_refill_rounds", None, f"must return an int >= 0, got {result!r}")
+            rounds = max(rounds, result)
+        return rounds
 
     # -- trajectory side ----------------------------------------------------------------------------------------
 

@@ -106,6 +106,15 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         return rewards
 
     def _generate_and_score_completions(self, inputs):
+        out, kept_groups = self._score_round(inputs)
+        if kept_groups is None or not self.model.training:
+            return out
+        rounds = self.po_pipeline.refill_rounds()
+        return self._refill(inputs, out, kept_groups, rounds) if rounds else out
+
+    def _score_round(self, inputs):
+        """One generation round through TRL, then the reward-side hooks: advantages, sample and group selection.
+        Returns the rollout dict (dropped rows masked out of the loss) and the local kept-group mask or None."""
         out = super()._generate_and_score_completions(inputs)
         rewards, batch = self._po_rewards
         self._po_rewards = None
@@ -122,16 +131,57 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         rows = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
         out["advantages"] = advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
 
-        keep = self.po_pipeline.select_groups(rewards, batch)
-        if keep is not None:
-            keep_rows = keep.repeat_interleave(batch.group_size)[rows].to(out["completion_mask"].dtype)
-            out["completion_mask"] = out["completion_mask"] * keep_rows.unsqueeze(1)
-            if "tool_mask" in out:
-                out["tool_mask"] = out["tool_mask"] * keep_rows.unsqueeze(1)
-            kept_mask = loss_mask * keep_rows.unsqueeze(1)
-            out["num_items_in_batch"] = self.accelerator.gather(kept_mask.sum()).sum()
-            batch.log_metric("groups/kept_fraction", keep.float().mean().item())
-        return out
+        keep_samples = self.po_pipeline.select_samples(rewards, batch)
+        keep_groups = self.po_pipeline.select_groups(rewards, batch)
+        if keep_samples is None and keep_groups is None:
+            return out, None
+        keep = torch.ones(batch.num_rows, dtype=torch.bool, device=rewards.device)
+        if keep_samples is not None:
+            keep &= keep_samples
+            batch.log_metric("samples/kept_fraction", keep_samples.float().mean().item())
+        if keep_groups is not None:
+            keep &= keep_groups.repeat_interleave(batch.group_size)
+            batch.log_metric("groups/kept_fraction", keep_groups.float().mean().item())
+        keep_rows = keep[rows].to(out["completion_mask"].dtype).unsqueeze(1)
+        out["completion_mask"] = out["completion_mask"] * keep_rows
+        if "tool_mask" in out:
+            out["tool_mask"] = out["tool_mask"] * keep_rows
+        out["num_items_in_batch"] = self.accelerator.gather((loss_mask * keep_rows).sum()).sum()
+        local_groups = slice(rows.start // batch.group_size, rows.stop // batch.group_size)
+        return out, None if keep_groups is None else keep_groups[local_groups]
+
+    def _refill(self, inputs, out, kept_groups, rounds: int):
+        """Dynamic sampling: replace dropped groups with groups of fresh prompts until every process has a full
+        batch of kept groups or ``rounds`` extra rounds are spent; a shortfall is filled with dropped groups."""
+        G = self.num_generations
+        needed = len(inputs) // G
+        if len(inputs) % G:
+            raise ValueError("dynamic sampling needs whole groups on every process: make "
+                             "per_device_train_batch_size * steps_per_generation a multiple of num_generations")
+        device = out["advantages"].device
+        pool = [(out, kept_groups)]
+        seed = (self.args.seed * 1_000_003 + self.state.global_step * 1009 + self.accelerator.process_index) % 2**31
+        generator = torch.Generator().manual_seed(seed)
+        extra = 0
+        for _ in range(rounds):
+            have = sum(int(kept.sum()) for _, kept in pool)
+            if self.accelerator.gather(torch.tensor([have >= needed], device=device)).all():
+                break  # every process must agree, or the next round's collectives would hang
+            indices = torch.randint(len(self.train_dataset), (needed,), generator=generator).tolist()
+            pool.append(self._score_round([dict(self.train_dataset[i]) for i in indices for _ in range(G)]))
+            extra += 1
+        groups = [(part, g, bool(kept[g])) for part, kept in pool for g in range(len(kept))]
+        chosen = ([x for x in groups if x[2]] + [x for x in groups if not x[2]])[:needed]  # kept first
+        merged = _concatenate_rows([_rows(part, g * G, (g + 1) * G) for part, g, _ in chosen],
+                                   self._tokenizer.pad_token_id)
+        loss_mask = merged["completion_mask"] * merged.get("tool_mask", 1)
+        merged["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        dropped = torch.tensor([float((~kept_groups).sum())], device=device)
+        metrics = self._metrics[self._mode()]
+        metrics["dynamic_sampling/extra_rounds"].append(float(extra))
+        metrics["dynamic_sampling/dropped_groups"].append(self.accelerator.gather(dropped).sum().item())
+        metrics["dynamic_sampling/kept_fraction"].append(sum(kept for _, _, kept in chosen) / needed)
+        return merged
 
     # -- trajectory side ----------------------------------------------------------------------------------------
 
@@ -199,3 +249,43 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.exists(path):
             self.po_pipeline.load_state_dict(torch.load(path, weights_only=False))
+
+
+# Right-padding values of the per-row tensors a rollout dict carries; prompts are left-padded.
+_PAD_RIGHT = {"completion_mask": 0, "tool_mask": 1, "old_per_token_logps": 0.0, "ref_per_token_logps": 0.0,
+              "sampling_per_token_logps": 0.0, "advantages": 0.0, "importance_sampling_ratio": 1.0}
+
+
+def _rows(batch: dict, start: int, stop: int) -> dict:
+    """Rows ``start:stop`` of every per-row entry of a rollout dict (other entries are kept as they are)."""
+    rows = batch["prompt_ids"].shape[0]
+
+    def take(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            return value[start:stop]
+        if isinstance(value, list) and len(value) == rows:
+            return value[start:stop]
+        return value
+
+    return {key: take(value) for key, value in batch.items()}
+
+
+def _concatenate_rows(parts: list[dict], pad_id: int) -> dict:
+    """Stack rollout dicts row-wise, padding prompts on the left and completions on the right."""
+    merged = {}
+    for key, first in parts[0].items():
+        values = [part[key] for part in parts]
+        if isinstance(first, list):
+            merged[key] = [item for value in values for item in value]
+        elif not isinstance(first, torch.Tensor) or first.dim() == 0:
+            merged[key] = first
+        elif first.dim() == 1:
+            merged[key] = torch.cat(values)
+        else:
+            width = max(v.shape[1] for v in values)
+            left = key.startswith("prompt_")
+            fill = pad_id if key in ("prompt_ids", "completion_ids") else (0 if left else _PAD_RIGHT.get(key, 0))
+            padded = [torch.nn.functional.pad(v, (width - v.shape[1], 0) if left else (0, width - v.shape[1]),
+                                              value=fill) for v in values]
+            merged[key] = torch.cat(padded)
+    return merged
