@@ -103,12 +103,13 @@ def po_register_tasks(register):
 
 
 @stage("lifecycle", "each")
-def po_check_config(args, options):
-    """Refuse a configuration this plugin cannot honour. Called when the config is built, before training.
+def po_check_config(args, options, assembly):
+    """Refuse a configuration or composition this plugin cannot honour. Called when the config is built.
 
     ``args``: the :class:`~po_registry.PolicyOptimizationConfig` (TRL's ``GRPOConfig`` fields included);
-    ``options``: the resolved option values. Raise ``ValueError`` with a message naming the offending field;
-    the error reaches the user prefixed with this plugin's name.
+    ``options``: the resolved option values; ``assembly``: the :class:`~po_registry.Assembly` (components by
+    name, the owners of every stage), for couplings with other plugins. Raise ``ValueError`` with a message
+    naming the offending field or plugin; the error reaches the user prefixed with this plugin's name.
     """
 
 

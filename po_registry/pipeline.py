@@ -31,6 +31,12 @@ class Assembly:
     options: dict[str, Any]
     option_sources: dict[str, str] = field(default_factory=dict)  # option -> "default" | "method X" | "user"
 
+    def importance_level(self, args) -> str:
+        """'token' or 'sequence': the granularity of the importance-weight owner (a component may declare
+        ``po_importance_level``; the baseline follows ``importance_sampling_level``)."""
+        (owner,) = self.owners["po_log_importance_weights"]
+        return getattr(self.components[owner], "po_importance_level", None) or args.importance_sampling_level
+
     def explain(self) -> str:
         """The pipeline stage by stage: side, owners and options."""
         lines = [f"methods: {', '.join(m.name for m in self.methods)}"]
@@ -176,7 +182,7 @@ class Pipeline:
 
     def check_config(self, args) -> None:
         for plugin, function, argnames in self._impls["po_check_config"]:
-            kwargs = {"args": args, "options": self.options}
+            kwargs = {"args": args, "options": self.options, "assembly": self.assembly}
             try:
                 function(*[kwargs[name] for name in argnames])
             except (ValueError, TypeError) as exc:

@@ -85,7 +85,7 @@ def test_unknown_method_and_option_fail_when_the_config_is_built(tmp_path):
     from po_registry import UnknownMethodError
 
     with pytest.raises(UnknownMethodError, match="Did you mean 'grpo'"):
-        PolicyOptimizationConfig(**base_config(tmp_path, methods=["gpro"]))
+        PolicyOptimizationConfig(**base_config(tmp_path, methods=["grpoo"]))
     with pytest.raises(OptionError, match="unknown option 'clip'"):
         PolicyOptimizationConfig(**base_config(tmp_path, method_options={"clip": 0.1}))
     with pytest.raises(OptionError, match="method_options is not valid JSON"):

@@ -13,6 +13,8 @@ from po_registry.ops import masked_mean
 
 
 class GMPO:
+    po_importance_level = "sequence"  # one geometric-mean weight per sequence
+
     @hookimpl
     def po_register_methods(self, register):
         register(

@@ -17,6 +17,7 @@ class GSPO:
 
     name = "gspo"
     summary = "GSPO: one length-normalised importance ratio per sequence, clipped at 3e-4/4e-4"
+    po_importance_level = "sequence"
 
     @hookimpl
     def po_register_methods(self, register):
@@ -62,6 +63,7 @@ class GSPOToken(GSPO):
     """GSPO's sequence ratio carried on every token, so per-token advantages (dense rewards, multi-turn) apply."""
 
     name = "gspo-token"
+    po_importance_level = "token"
     summary = "GSPO-token: the sequence ratio on every token, sg[s_i] pi/sg[pi], for per-token advantages"
     option_prefix = "gspo_token"
 
