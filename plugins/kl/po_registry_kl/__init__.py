@@ -3,8 +3,12 @@
 Per token, with log rho = log pi_ref - log pi_theta on tokens sampled from pi_theta:
   k1 = -log rho (unbiased, high variance, can be negative), k2 = (log rho)^2 / 2 (biased, low variance),
   k3 = (rho - 1) - log rho (unbiased, low variance, >= 0).
-Added to the per-token loss as beta * k; with importance correction (DeepSeek-V3.2) times pi_theta/pi_old, which
-keeps the estimate unbiased when the samples come from pi_old (off-policy updates).
+Two placements (methods.md rule 5):
+- ``kl`` (in the loss, GRPO): beta * k added to the per-token loss, with gradient through k; with importance
+  correction (DeepSeek-V3.2) times pi_theta/pi_old, unbiased when the samples come from pi_old.
+- ``kl-reward`` (in the reward, PPO/RLOO/REINFORCE++ style): a dense per-token reward -beta * k_t without gradient,
+  added to each token's advantage; its gradient is the policy gradient beta * sg[k_t] * grad log pi_t, carried by
+  the importance weight.
 """
 
 import torch
@@ -45,3 +49,34 @@ class KLPenalty:
             kl = kl * torch.exp(log_weights)
         batch.log_metric(f"kl/{batch.options['kl_estimator']}", batch.global_masked_mean(kl.detach()))
         return batch.args.beta * kl
+
+
+class KLReward:
+    @hookimpl
+    def po_register_methods(self, register):
+        register(
+            "kl-reward",
+            components=["kl-reward"],
+            replaces=["reference-kl"],
+            side="reward",
+            summary="KL to the reference folded into the reward: dense -beta * k_t added to each token's advantage",
+            targets="drift from the reference, with the KL as a reward (no gradient through the estimate)",
+            paper="PPO/RLOO/REINFORCE++ (arXiv 2501.03262)",
+        )
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register("kl_reward_estimator", "k1", choices=("k1", "k2", "k3"), help="which per-token KL estimator")
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.beta <= 0:
+            raise ValueError(f"the kl-reward method needs beta > 0 (the KL coefficient; it also makes the trainer "
+                             f"compute reference log-probs), got beta={args.beta}")
+
+    @hookimpl
+    def po_token_penalty(self, batch, log_weights):
+        # -(A_t - beta k_t) r_t = -A_t r_t + beta sg[k_t] r_t: the reward term rides on the importance weight.
+        kl = kl_estimate(batch.logps, batch.ref_logps, batch.options["kl_reward_estimator"]).detach()
+        batch.log_metric(f"kl_reward/{batch.options['kl_reward_estimator']}", batch.global_masked_mean(kl))
+        return batch.args.beta * kl * torch.exp(log_weights)

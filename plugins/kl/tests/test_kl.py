@@ -55,3 +55,28 @@ def test_k3_equals_trl_kl_term(po_trl_parity, correction):
     assert result["completions_equal"]
     assert result["ours_loss"] == pytest.approx(result["stock_loss"], abs=1e-6)
     assert result["max_grad_diff"] <= 1e-6
+
+
+class TestKLRewardConformance(PluginConformance):
+    method = "kl-reward"
+    config = {"beta": 0.04}
+    metrics = ("kl_reward/k1",)
+
+
+def test_kl_reward_gradient_equals_a_dense_reward_in_the_advantage(po_loss_batch):
+    """On-policy, kl-reward's gradient is that of advantages A_t - beta * k1_t with no KL term at all."""
+    from po_registry.pipeline import Pipeline, assemble
+
+    beta = 0.3
+    grads = []
+    for methods, shift in ((["kl-reward"], False), (["grpo"], True)):
+        pipeline = Pipeline(assemble(methods))
+        args = default_args(methods, pipeline.options, beta=beta if not shift else 0.0)
+        batch = po_loss_batch(args=args, options=pipeline.options, per_token_advantages=True, off_policy=0.0)
+        batch.old_logps = batch.logps.detach()
+        if shift:
+            k1 = (batch.logps - batch.ref_logps).detach()
+            batch.advantages = batch.advantages - beta * k1
+        pipeline.loss(batch).backward()
+        grads.append(batch.logps.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
