@@ -84,6 +84,15 @@ class LossBatch:
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # concatenate over processes
     gather_ragged: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # concatenate 1-D tensors of any length
 
+    @property
+    def tokens_per_step(self) -> torch.Tensor:
+        """Loss tokens one process contributes to an optimizer step: the normaliser of a token-level mean over
+        the whole step (DAPO's), exact across gradient accumulation and processes."""
+        tokens = self.num_items_in_batch.clamp(min=1.0) / self.num_processes
+        if self.training:  # the count spans the generation batch, split over steps_per_generation micro-batches
+            tokens = tokens * self.accumulation_steps / self.steps_per_generation
+        return tokens
+
     def global_masked_mean(self, x: torch.Tensor) -> float:
         """Mean of ``x`` over loss tokens of all processes; a (B, 1) tensor counts once per row."""
         if x.shape[-1] == 1 and self.mask.shape[-1] != 1:

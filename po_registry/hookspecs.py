@@ -3,11 +3,14 @@
 Every policy-gradient method for language models optimizes J(theta) = E_{tau ~ p_theta}[R(tau)] and changes one
 or both of its factors. The stages below follow the order in which the trainer calls them, grouped by factor:
 
-- **reward side**, R(tau): reward shaping, dense per-token rewards, advantage estimation, group selection.
-  Runs once per generation batch on the *globally gathered* batch, where a prompt's G completions are still
-  contiguous rows (the trainer shuffles rows before the loss).
-- **trajectory side**, p_theta(tau): token masks, importance weights, rollout correction, the per-token policy
-  objective, token penalties, loss aggregation, loss penalties. Runs once per micro-batch on the local rows.
+- **reward side**, R(tau): reward shaping, dense per-token rewards, advantage estimation.
+- **trajectory side**, p_theta(tau): sample and group selection (which samples enter the update, dynamic
+  sampling), token masks, importance weights, rollout correction, the per-token policy objective, token
+  penalties, loss aggregation, loss penalties.
+
+Reward shaping, advantages and sample/group selection run once per generation batch on the *globally gathered*
+batch, where a prompt's G completions are still contiguous rows (the trainer shuffles rows before the loss); the
+other trajectory-side stages run once per micro-batch on the local rows.
 - **lifecycle**: methods, options, set-up and checkpoint state.
 
 A stage is **single-owner** (exactly one plugin implements it in an assembled pipeline; two claimants are an
@@ -173,7 +176,7 @@ def po_compute_advantages(rewards, batch):
     """
 
 
-@stage("reward", "all")
+@stage("trajectory", "all")
 def po_select_samples(rewards, batch):
     """Sample selection (overlong filtering). Composable: a completion is kept only if every plugin keeps it.
 
@@ -183,7 +186,7 @@ def po_select_samples(rewards, batch):
     """
 
 
-@stage("reward", "all")
+@stage("trajectory", "all")
 def po_select_groups(rewards, batch):
     """Group selection (what dynamic sampling needs). Composable: a group is kept only if every plugin keeps it.
 
@@ -194,7 +197,7 @@ def po_select_groups(rewards, batch):
     """
 
 
-@stage("reward", "max")
+@stage("trajectory", "max")
 def po_refill_rounds(options):
     """Dynamic sampling: how many extra generation rounds the trainer may run, per generation batch, to replace
     groups dropped by :func:`po_select_groups` with fresh prompts until the batch is full again. Composable: the
@@ -261,7 +264,8 @@ def po_aggregate_loss(per_token_loss, batch):
 
     ``per_token_loss``: (B, T) or (B, 1); ``batch.mask`` (B, T) is the loss mask. Return the scalar loss this
     micro-batch contributes to the optimizer step, already scaled for gradient accumulation
-    (``batch.accumulation_steps``); :func:`po_registry.ops.aggregate` implements the standard modes.
+    (``batch.accumulation_steps``); :func:`po_registry.ops.aggregate` implements the standard modes and
+    ``batch.tokens_per_step`` is the normaliser of a token mean over the whole optimizer step.
     """
 
 

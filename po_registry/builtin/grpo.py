@@ -202,17 +202,13 @@ class LossAggregation:
 
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
-        mode = AGGREGATION_BY_LOSS_TYPE[batch.args.loss_type]
-        tokens = batch.num_items_in_batch.clamp(min=1.0) / batch.num_processes
-        if batch.training:  # the generation batch spans steps_per_generation micro-batches
-            tokens = tokens * batch.accumulation_steps / batch.steps_per_generation
         return aggregate(
             per_token_loss,
             batch.mask,
-            mode,
+            AGGREGATION_BY_LOSS_TYPE[batch.args.loss_type],
             accumulation_steps=batch.accumulation_steps,
             max_completion_length=batch.max_completion_length,
-            global_tokens_per_step=tokens,
+            global_tokens_per_step=batch.tokens_per_step,
         )
 
 

@@ -40,7 +40,4 @@ class CISPO:
 
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
-        tokens = batch.num_items_in_batch.clamp(min=1.0) / batch.num_processes
-        if batch.training:
-            tokens = tokens * batch.accumulation_steps / batch.steps_per_generation
-        return aggregate(per_token_loss, batch.mask, "global-token-mean", global_tokens_per_step=tokens)
+        return aggregate(per_token_loss, batch.mask, "global-token-mean", global_tokens_per_step=batch.tokens_per_step)

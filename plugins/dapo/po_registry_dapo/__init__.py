@@ -43,10 +43,7 @@ class ClipHigher:
 
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
-        tokens = batch.num_items_in_batch.clamp(min=1.0) / batch.num_processes
-        if batch.training:  # the count spans the generation batch: rescale it to one optimizer step
-            tokens = tokens * batch.accumulation_steps / batch.steps_per_generation
-        return aggregate(per_token_loss, batch.mask, "global-token-mean", global_tokens_per_step=tokens)
+        return aggregate(per_token_loss, batch.mask, "global-token-mean", global_tokens_per_step=batch.tokens_per_step)
 
 
 class OverlongFilter:

@@ -60,41 +60,98 @@ def test_mismatched_levels_are_refused_when_asked():
     default_args(["rollout-correction"], {"rollout_correction_mode": "sequence_mask"})  # not asked: allowed
 
 
-def test_trains_from_a_rollout_function_with_sampler_log_probs(po_tokenizer, po_tiny_model_dir, tmp_path):
-    from po_registry.config import PolicyOptimizationConfig
-    from po_registry.tasks import exact_match, get_task
-    from po_registry.trainer import PolicyOptimizationTrainer
+def make_rollout(tokenizer, noise=0.3, seed=0):
+    """A rollout function that samples with the policy and reports log-probs perturbed by ``noise``, as a
+    mismatched inference engine would; deterministic given the torch seed and ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
 
     def rollout(prompts, trainer):
-        """Sample with the policy and report log-probs perturbed as a mismatched inference engine would."""
         model = trainer.accelerator.unwrap_model(trainer.model)
-        encoded = po_tokenizer(prompts, return_tensors="pt", padding=True)
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**encoded, max_new_tokens=6, do_sample=True, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=po_tokenizer.pad_token_id)
+                                 return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
         width = encoded["input_ids"].shape[1]
         scores = torch.stack(out.scores, 1).log_softmax(-1)
         prompt_ids, completion_ids, logprobs = [], [], []
         for row in range(len(prompts)):
             tokens = out.sequences[row, width:].tolist()
-            if po_tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(po_tokenizer.eos_token_id) + 1]
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
             prompt_ids.append(encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist())
             completion_ids.append(tokens)
-            logprobs.append([scores[row, t, tok].item() + 0.3 * torch.randn(()).item() for t, tok in enumerate(tokens)])
+            shift = noise * torch.randn(len(tokens), generator=generator)
+            logprobs.append([scores[row, t, tok].item() + shift[t].item() for t, tok in enumerate(tokens)])
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
-    def partial(completions, answer, **kwargs):
-        return [e + 0.1 * sum(c.isdigit() for c in text) for e, text in zip(exact_match(completions, answer), completions)]
+    return rollout
+
+
+def _partial(completions, answer, **kwargs):
+    from po_registry.tasks import exact_match
+
+    return [e + 0.1 * sum(c.isdigit() for c in text) for e, text in zip(exact_match(completions, answer), completions)]
+
+
+COMMON = dict(use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False, per_device_train_batch_size=8,
+              num_generations=4, max_completion_length=6, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+              disable_tqdm=True, loss_type="grpo")
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_equals_trl_vllm_importance_sampling(po_tokenizer, po_tiny_model_dir, tmp_path, mode):
+    """TRL applies its vLLM correction only with use_vllm; with the sampler replaced by a rollout function and
+    the flag switched on after construction, TRL's own code computes the weights, and ours must match."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from po_registry.config import PolicyOptimizationConfig
+    from po_registry.tasks import get_task
+    from po_registry.trainer import PolicyOptimizationTrainer
+
+    dataset = get_task("addition").dataset(64)
+    rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
+    stock = GRPOTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[_partial],
+                        train_dataset=dataset, rollout_func=make_rollout(po_tokenizer),
+                        args=GRPOConfig(output_dir=str(tmp_path / "stock"), vllm_importance_sampling_mode=mode,
+                                        vllm_importance_sampling_clip_max=1.3, vllm_importance_sampling_clip_min=0.8,
+                                        **COMMON))
+    stock.use_vllm, stock._last_loaded_step = True, stock.state.global_step  # TRL's correction path, no engine
+    ours = PolicyOptimizationTrainer(
+        model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[_partial], train_dataset=dataset,
+        rollout_func=make_rollout(po_tokenizer),
+        args=PolicyOptimizationConfig(output_dir=str(tmp_path / "ours"), methods=["rollout-correction"],
+                                      method_options={"rollout_correction_mode": mode, "rollout_correction_clip_max": 1.3,
+                                                      "rollout_correction_clip_min": 0.8}, **COMMON))
+    results = {}
+    for name, trainer in (("stock", stock), ("ours", ours)):
+        trainer.model.train()
+        torch.manual_seed(0)
+        batch = trainer._generate_and_score_completions([dict(r) for r in rows])
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        results[name] = (batch, loss.detach(), [p.grad.clone() for p in trainer.model.parameters()])
+    stock_batch, ours_batch = results["stock"][0], results["ours"][0]
+    assert torch.equal(stock_batch["completion_ids"], ours_batch["completion_ids"])
+    ratio = stock_batch["importance_sampling_ratio"]
+    assert ((ratio == 0) | (ratio != 1)).any()  # the correction is not a no-op here
+    assert torch.allclose(results["stock"][1], results["ours"][1], atol=1e-6)
+    for a, b in zip(results["stock"][2], results["ours"][2]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_trains_from_a_rollout_function_with_sampler_log_probs(po_tokenizer, po_tiny_model_dir, tmp_path):
+    from po_registry.config import PolicyOptimizationConfig
+    from po_registry.tasks import get_task
+    from po_registry.trainer import PolicyOptimizationTrainer
 
     config = PolicyOptimizationConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
-        per_device_train_batch_size=8, num_generations=4, max_completion_length=6, learning_rate=1e-2, max_steps=2,
-        logging_steps=1, save_strategy="no", disable_tqdm=True, methods=["rollout-correction"],
-        method_options={"rollout_correction_mode": "token_truncate", "rollout_correction_clip_max": 1.5})
-    trainer = PolicyOptimizationTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[partial],
+        output_dir=str(tmp_path), max_steps=2, methods=["rollout-correction"],
+        method_options={"rollout_correction_mode": "token_truncate", "rollout_correction_clip_max": 1.5}, **COMMON)
+    trainer = PolicyOptimizationTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[_partial],
                                         args=config, train_dataset=get_task("addition").dataset(64),
-                                        rollout_func=rollout)
+                                        rollout_func=make_rollout(po_tokenizer))
     trainer.train()
     logged = [row for row in trainer.state.log_history if "rollout_correction/weight_mean" in row]
     assert len(logged) == 2 and all(0 < row["rollout_correction/weight_mean"] <= 1.5 for row in logged)
