@@ -36,6 +36,9 @@ class RewardBatch:
     completion_mask: torch.Tensor | None = None  # (N, T) float loss mask; set for the advantage stage
     token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins, or None
     local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (token_rewards stage)
+    # (B, T) no-grad log-probs of this process's sampled tokens under the policy that sampled them; computed on
+    # first call (token_rewards stage). The reference's are ``local.get("ref_per_token_logps")`` when beta != 0.
+    policy_logps: Callable[[], torch.Tensor] | None = None
     log_metric: Callable[[str, float], None] = _ignore_metric
 
     @property

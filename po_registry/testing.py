@@ -69,9 +69,11 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
     truncated = torch.zeros(n, dtype=torch.bool)
     truncated[-1] = True
     args = args or default_args()
+    policy_logps = -torch.rand(n, width, generator=generator) * 3
     local = {"completion_ids": torch.randint(4, 20, (n, width), generator=generator) * mask.long(),
              "completion_mask": mask.long(), "prompt_ids": torch.randint(4, 20, (n, 3), generator=generator),
-             "prompt_mask": torch.ones(n, 3, dtype=torch.long)}
+             "prompt_mask": torch.ones(n, 3, dtype=torch.long),
+             "ref_per_token_logps": policy_logps + 0.1 * torch.randn(n, width, generator=generator)}
     batch = RewardBatch(
         reward_names=[f"reward_{k}" for k in range(rewards.shape[1])],
         reward_weights=torch.ones(rewards.shape[1]),
@@ -83,6 +85,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         args=args,
         completion_mask=mask,
         local=local,
+        policy_logps=lambda: policy_logps,
     )
     return rewards, batch
 

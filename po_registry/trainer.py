@@ -9,6 +9,7 @@ rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_sav
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -121,6 +122,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         loss_mask = out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]
         loss_mask = loss_mask.float()
         batch.local = out
+        batch.policy_logps = functools.cache(lambda: self._behaviour_logps(out))
         token_rewards = self.po_pipeline.token_rewards(batch, like=loss_mask)
         batch.completion_mask = self._gather_padded(loss_mask)
         if token_rewards is not None:
@@ -149,6 +151,17 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         out["num_items_in_batch"] = self.accelerator.gather((loss_mask * keep_rows).sum()).sum()
         local_groups = slice(rows.start // batch.group_size, rows.stop // batch.group_size)
         return out, None if keep_groups is None else keep_groups[local_groups]
+
+    def _behaviour_logps(self, out) -> torch.Tensor:
+        """Log-probs of the sampled tokens under the policy that sampled them (no gradient)."""
+        if out.get("old_per_token_logps") is not None:
+            return out["old_per_token_logps"]
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        with torch.no_grad():
+            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
+                                                                  out["completion_ids"].size(1))
+        return logps
 
     def _refill(self, inputs, out, kept_groups, rounds: int):
         """Dynamic sampling: replace dropped groups with groups of fresh prompts until every process has a full

@@ -1,0 +1,77 @@
+"""REINFORCE++ (Hu et al. 2025, arXiv 2501.03262).
+
+Per-token reward r_t = 1[t = |o|] R - beta * KL_t with the k1 estimate KL_t = log pi_old(o_t) - log pi_ref(o_t);
+return-to-go A_t = sum_{s >= t} gamma^(s - t) r_s; then *global* normalisation over every loss token of the
+batch, A <- (A - mean) / std. REINFORCE++-baseline first subtracts the group mean of R (k > 1 samples per prompt).
+"""
+
+import torch
+
+from po_registry import hookimpl
+from po_registry.ops import group_mean, masked_mean
+
+PAPER = "arXiv 2501.03262"
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """A_t = sum_{s >= t} gamma^(s - t) r_s over the masked tokens of each row."""
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) index of each row's last loss token (0 for an empty row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.bool()).amax(dim=1)
+
+
+class ReinforcePP:
+    name = "reinforce-pp"
+    summary = "REINFORCE++: return-to-go of the outcome reward minus per-token KL, normalised over the whole batch"
+    baseline = False
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register(self.name, components=[self.name], replaces=["reference-kl"], side="reward", paper=PAPER,
+                 summary=self.summary,
+                 targets="prompt-local normalisation is biased and overfits; A explodes when the group std is ~0")
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register(f"{self.name.replace('-', '_')}_gamma", 1.0, type=float, check=lambda v: 0 < v <= 1,
+                 help="discount of the return-to-go, in (0, 1]")
+
+    @hookimpl
+    def po_token_rewards(self, batch):
+        beta = batch.args.beta
+        if beta == 0.0:
+            return None
+        kl = batch.policy_logps() - batch.local["ref_per_token_logps"]  # k1, on the sampled tokens
+        batch.log_metric(f"{self.name}/kl", masked_mean(kl, batch.local["completion_mask"].float()).item())
+        return -beta * kl * batch.local["completion_mask"]
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        total = batch.weighted_reward(rewards)
+        scorable = ~torch.isnan(total)
+        if self.baseline:
+            total = total - group_mean(total, batch.group_size)
+        mask = batch.completion_mask * scorable.unsqueeze(1)
+        per_token = torch.zeros_like(mask) if batch.token_rewards is None else batch.token_rewards.clone()
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        per_token[rows, last_token_index(mask)] += total.nan_to_num(0.0)
+        advantages = returns_to_go(per_token, mask, batch.options[f"{self.name.replace('-', '_')}_gamma"])
+        mean = masked_mean(advantages, mask)
+        std = masked_mean((advantages - mean) ** 2, mask).sqrt()
+        return ((advantages - mean) / (std + 1e-8)) * mask
+
+
+class ReinforcePPBaseline(ReinforcePP):
+    name = "reinforce-pp-baseline"
+    summary = "REINFORCE++-baseline: group-mean baseline, then return-to-go and global batch normalisation"
+    baseline = True

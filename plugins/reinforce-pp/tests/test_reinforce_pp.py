@@ -1,0 +1,74 @@
+"""REINFORCE++ and REINFORCE++-baseline: returns, KL in the reward, global normalisation, conformance, training."""
+
+import torch
+from po_registry_reinforce_pp import ReinforcePP, ReinforcePPBaseline, returns_to_go
+
+from po_registry.testing import PluginConformance, default_args
+
+
+class TestConformance(PluginConformance):
+    method = "reinforce-pp"
+
+
+class TestConformanceWithKL(PluginConformance):
+    method = "reinforce-pp"
+    config = {"beta": 0.04}
+    metrics = ("reinforce-pp/kl",)
+
+
+class TestBaselineConformance(PluginConformance):
+    method = "reinforce-pp-baseline"
+    config = {"beta": 0.04}
+
+
+def test_returns_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert returns_to_go(rewards, mask).tolist() == [[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]
+    assert returns_to_go(rewards, mask, gamma=0.5).tolist() == [[1 + 0.5 * (2 + 0.5 * 3), 2 + 1.5, 3.0],
+                                                                [4 + 2.5, 5.0, 0.0]]
+
+
+def _expected(total, mask):
+    """Outcome reward on every loss token (no KL), normalised over all loss tokens."""
+    advantages = total.unsqueeze(1) * mask
+    mean = advantages.sum() / mask.sum()
+    std = (((advantages - mean) ** 2) * mask).sum().div(mask.sum()).sqrt()
+    return (advantages - mean) / (std + 1e-8) * mask
+
+
+def test_global_normalisation_without_kl(po_reward_batch):
+    rewards = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
+    _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards, width=3,
+                               options={"reinforce_pp_gamma": 1.0}, args=default_args())
+    batch.completion_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    got = ReinforcePP().po_compute_advantages(rewards, batch)
+    assert torch.allclose(got, _expected(rewards.squeeze(1), batch.completion_mask), atol=1e-6)
+
+
+def test_baseline_subtracts_the_group_mean_first(po_reward_batch):
+    rewards = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
+    _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards, width=3,
+                               options={"reinforce_pp_baseline_gamma": 1.0}, args=default_args())
+    batch.completion_mask = torch.ones(4, 3)
+    got = ReinforcePPBaseline().po_compute_advantages(rewards, batch)
+    assert torch.allclose(got, _expected(torch.tensor([0.5, -0.5, 0.0, 0.0]), batch.completion_mask), atol=1e-6)
+
+
+def test_kl_is_folded_into_the_reward_per_token(po_reward_batch):
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=3, args=default_args(beta=0.5))
+    mask = batch.local["completion_mask"].float()
+    expected = -0.5 * (batch.policy_logps() - batch.local["ref_per_token_logps"]) * mask
+    assert torch.allclose(ReinforcePP().po_token_rewards(batch), expected)
+
+
+def test_kl_rewards_enter_the_returns(po_reward_batch):
+    rewards = torch.tensor([[1.0], [0.0]])
+    _, batch = po_reward_batch(group_size=2, num_groups=1, rewards=rewards, width=2,
+                               options={"reinforce_pp_gamma": 1.0}, args=default_args())
+    batch.completion_mask = torch.ones(2, 2)
+    batch.token_rewards = torch.tensor([[-0.1, -0.2], [-0.3, 0.0]])
+    got = ReinforcePP().po_compute_advantages(rewards, batch)
+    raw = torch.tensor([[1 - 0.3, 1 - 0.2], [-0.3, 0.0]])  # return-to-go of [-0.1, -0.2 + 1] and [-0.3, 0]
+    mean, std = raw.mean(), raw.std(unbiased=False)
+    assert torch.allclose(got, (raw - mean) / (std + 1e-8), atol=1e-6)
