@@ -39,6 +39,7 @@ class RewardBatch:
     # (B, T) no-grad log-probs of this process's sampled tokens under the policy that sampled them; computed on
     # first call (token_rewards stage). The reference's are ``local.get("ref_per_token_logps")`` when beta != 0.
     policy_logps: Callable[[], torch.Tensor] | None = None
+    processing_class: Any = None  # the trainer's tokenizer, to decode completions
     log_metric: Callable[[str, float], None] = _ignore_metric
 
     @property

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .cli import UsageError, _fail
+from .cli import _fail
 
 RUN_DEFAULTS: dict[str, Any] = {
     "method": ["grpo"],
@@ -78,7 +78,7 @@ def resolve_task(name: str):
     return get_task(name)
 
 
-def _read_dataset(path: str, tokenizer_free_limit: int = 64) -> DatasetTask:
+def _read_dataset(path: str, longest_completion: int = 64) -> DatasetTask:
     file = Path(path)
     formats = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     if not file.is_file():
@@ -100,7 +100,7 @@ def _read_dataset(path: str, tokenizer_free_limit: int = 64) -> DatasetTask:
         _fail("train", f"--dataset {path}: {len(rows)} rows; at least 10 are needed (a tenth is held out)")
     held_out = max(1, len(rows) // 10)
     longest = max(len(answer) for _, answer in rows)
-    return DatasetTask(file.name, rows[:-held_out], rows[-held_out:], min(longest + 2, tokenizer_free_limit))
+    return DatasetTask(file.name, rows[:-held_out], rows[-held_out:], min(longest + 2, longest_completion))
 
 
 def _reward(spec: str):
@@ -447,4 +447,4 @@ def plot(metrics_path: Path, out: Path, title: str = "") -> None:
     plt.close(figure)
 
 
-__all__ = ["UsageError", "load_model", "plot", "resolve_settings", "train"]
+__all__ = ["load_model", "plot", "resolve_settings", "train"]

@@ -86,6 +86,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         completion_mask=mask,
         local=local,
         policy_logps=lambda: policy_logps,
+        processing_class=char_tokenizer(),
     )
     return rewards, batch
 

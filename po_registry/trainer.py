@@ -101,6 +101,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
             log_metric=self._metric_logger(mode),
+            processing_class=self.processing_class,
         )
         rewards = self.po_pipeline.shape_rewards(rewards, batch)
         self._po_rewards = (rewards, batch)

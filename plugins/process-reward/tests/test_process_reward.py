@@ -1,0 +1,78 @@
+"""Process rewards: step detection, per-group normalisation, dense returns, errors, conformance and training."""
+
+import pytest
+import torch
+from po_registry_process_reward import ProcessReward, normalise_per_group, returns_to_go, step_ends
+
+from po_registry import OptionError
+from po_registry.testing import PluginConformance, default_args
+
+PER_TOKEN = "test_process_reward:digit_per_token"
+PER_STEP = "test_process_reward:one_step"
+
+
+def digit_per_token(completions, completion_ids, **kwargs):
+    """A token-level reward: 1 for each digit, 0 otherwise (one value per completion token)."""
+    return [[1.0 if ch.isdigit() else 0.0 for ch in text] + [0.0] * (len(ids) - len(text))
+            for text, ids in zip(completions, completion_ids)]
+
+
+def one_step(completions, completion_ids, **kwargs):
+    """A step-level reward with one step per completion (no newline in these answers): its length."""
+    return [[float(len(ids))] for ids in completion_ids]
+
+
+class TestConformance(PluginConformance):
+    method = "process-reward"
+    options = {"process_reward_function": PER_TOKEN}
+    metrics = ("process_reward/steps_per_completion",)
+
+
+class TestConformancePerStep(PluginConformance):
+    method = "process-reward"
+    options = {"process_reward_function": PER_STEP}
+    train_steps = 0
+
+
+def test_step_ends():
+    assert step_ends(["1", "2\n", "3", "4"]) == [1, 3]
+    assert step_ends(["a", "b\n"]) == [1]
+
+
+def test_normalise_per_group_over_rewarded_steps():
+    rewards = torch.tensor([[1.0, 0.0, 3.0], [5.0, 0.0, 0.0]])
+    steps = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    got = normalise_per_group(rewards, steps, group_size=2)
+    mean, std = 3.0, 2.0  # of the steps 1, 3, 5 (Bessel)
+    expected = torch.tensor([[(1 - mean) / (std + 1e-4), 0.0, 0.0], [(5 - mean) / (std + 1e-4), 0.0, 0.0]])
+    expected[0, 2] = (3 - mean) / (std + 1e-4)
+    assert torch.allclose(got, expected)
+
+
+def test_dense_term_is_the_return_of_normalised_steps(po_reward_batch):
+    _, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options={"process_reward_function": PER_STEP})
+    dense = ProcessReward().po_token_rewards(batch)
+    mask = batch.local["completion_mask"].float()
+    lengths = mask.sum(1)
+    steps = torch.zeros_like(mask)
+    steps[torch.arange(4), (lengths - 1).long()] = 1.0
+    rewards = steps * lengths.unsqueeze(1)
+    assert torch.allclose(dense, returns_to_go(normalise_per_group(rewards, steps, 2)) * mask)
+
+
+def test_a_bad_function_is_refused_when_the_config_is_built():
+    with pytest.raises(OptionError, match="process_reward_function 'nowhere:f': ModuleNotFoundError"):
+        default_args(["process-reward"], {"process_reward_function": "nowhere:f"})
+    with pytest.raises(OptionError, match="set process_reward_function"):
+        default_args(["process-reward"])
+
+
+def test_wrong_number_of_rewards_names_the_completion(po_reward_batch):
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=4,
+                               options={"process_reward_function": "test_process_reward:too_many"})
+    with pytest.raises(ValueError, match="completion 0: 9 rewards"):
+        ProcessReward().po_token_rewards(batch)
+
+
+def too_many(completions, completion_ids, **kwargs):
+    return [[0.0] * 9 for _ in completions]
