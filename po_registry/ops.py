@@ -21,6 +21,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "nanstd",
+    "returns_to_go",
     "sequence_log_ratio",
 ]
 
@@ -76,6 +77,20 @@ def kl_estimate(
     if estimator == "k3":
         return torch.exp(log_rho) - log_rho - 1
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted return along the last dimension: G_t = sum_{s >= t} gamma^(s - t) r_s.
+
+    Zero rewards past a sequence's end (padding) add nothing, so right-padded rows need no mask here."""
+    if gamma == 1.0:
+        return rewards.flip(-1).cumsum(-1).flip(-1)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in range(rewards.shape[-1] - 1, -1, -1):
+        running = rewards[..., t] + gamma * running
+        out[..., t] = running
+    return out
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

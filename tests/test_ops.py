@@ -13,6 +13,7 @@ from po_registry.ops import (
     kl_estimate,
     masked_mean,
     nanstd,
+    returns_to_go,
     sequence_log_ratio,
 )
 
@@ -138,3 +139,9 @@ def test_aggregation_broadcasts_sequence_level_losses():
         aggregate(loss, MASK, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(loss, MASK, "mean-of-everything")
+
+
+def test_returns_to_go_discounted_and_not():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    assert returns_to_go(rewards).tolist() == [[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]
+    assert returns_to_go(rewards, gamma=0.5).tolist() == [[1 + 0.5 * (2 + 0.5 * 3), 2 + 1.5, 3.0], [6.5, 5.0, 0.0]]

@@ -15,6 +15,7 @@ import importlib
 import torch
 
 from po_registry import hookimpl
+from po_registry.ops import returns_to_go
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,10 +33,6 @@ def step_ends(token_texts: list[str]) -> list[int]:
     if not ends or ends[-1] != len(token_texts) - 1:
         ends.append(len(token_texts) - 1)
     return ends
-
-
-def returns_to_go(values: torch.Tensor) -> torch.Tensor:
-    return values.flip(-1).cumsum(-1).flip(-1)
 
 
 class ProcessReward:

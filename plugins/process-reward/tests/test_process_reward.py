@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from po_registry_process_reward import ProcessReward, normalise_per_group, returns_to_go, step_ends
+from po_registry_process_reward import ProcessReward, normalise_per_group, step_ends
 
 from po_registry import OptionError
+from po_registry.ops import returns_to_go
 from po_registry.testing import PluginConformance, default_args
 
 PER_TOKEN = "test_process_reward:digit_per_token"

@@ -8,20 +8,9 @@ batch, A <- (A - mean) / std. REINFORCE++-baseline first subtracts the group mea
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import group_mean, masked_mean
+from po_registry.ops import group_mean, masked_mean, returns_to_go
 
 PAPER = "arXiv 2501.03262"
-
-
-def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """A_t = sum_{s >= t} gamma^(s - t) r_s over the masked tokens of each row."""
-    rewards = rewards * mask
-    out = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in range(rewards.shape[1] - 1, -1, -1):
-        running = rewards[:, t] + gamma * running
-        out[:, t] = running
-    return out * mask
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +54,7 @@ class ReinforcePP:
         per_token = torch.zeros_like(mask) if batch.token_rewards is None else batch.token_rewards.clone()
         rows = torch.arange(mask.shape[0], device=mask.device)
         per_token[rows, last_token_index(mask)] += total.nan_to_num(0.0)
-        advantages = returns_to_go(per_token, mask, batch.options[f"{self.name.replace('-', '_')}_gamma"])
+        advantages = returns_to_go(per_token * mask, batch.options[f"{self.name.replace('-', '_')}_gamma"]) * mask
         mean = masked_mean(advantages, mask)
         std = masked_mean((advantages - mean) ** 2, mask).sqrt()
         return ((advantages - mean) / (std + 1e-8)) * mask
