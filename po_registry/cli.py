@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `po-registry plugins | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _fail(command: str, message: str):
