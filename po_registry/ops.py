@@ -15,6 +15,7 @@ __all__ = [
     "AggregationMode",
     "aggregate",
     "clipped_surrogate",
+    "gae",
     "group_mean",
     "group_std",
     "kl_estimate",
@@ -91,6 +92,25 @@ def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
         running = rewards[..., t] + gamma * running
         out[..., t] = running
     return out
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked tokens of each row (Schulman et al. 2015).
+
+    delta_t = r_t + gamma V_{t+1} - V_t (V after the last token is 0), A_t = sum_l (gamma lam)^l delta_{t+l};
+    returns (advantages, returns = advantages + values), both 0 outside the mask. Rows are right-padded."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        running = running * mask[:, t]  # padding carries nothing back
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from po_registry.ops import (
     aggregate,
     clipped_surrogate,
+    gae,
     group_mean,
     group_std,
     kl_estimate,
@@ -145,3 +146,37 @@ def test_returns_to_go_discounted_and_not():
     rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
     assert returns_to_go(rewards).tolist() == [[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]
     assert returns_to_go(rewards, gamma=0.5).tolist() == [[1 + 0.5 * (2 + 0.5 * 3), 2 + 1.5, 3.0], [6.5, 5.0, 0.0]]
+
+
+def _gae_reference(rewards, values, gamma, lam):
+    """A straightforward per-row loop over one unpadded sequence."""
+    advantages = [0.0] * len(rewards)
+    last = 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        advantages[t] = last
+    return advantages
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (1.0, 0.95), (0.9, 0.5), (0.99, 0.0)])
+def test_gae_matches_a_reference_loop_on_random_rewards(gamma, lam):
+    generator = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(5, 7, generator=generator), torch.randn(5, 7, generator=generator)
+    lengths = [7, 1, 4, 0, 6]
+    mask = (torch.arange(7).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for row, n in enumerate(lengths):
+        expected = _gae_reference(rewards[row, :n].tolist(), values[row, :n].tolist(), gamma, lam)
+        assert advantages[row, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert (advantages[row, n:] == 0).all() and (returns[row, n:] == 0).all()
+    assert torch.allclose(returns, (advantages + values) * mask)
+
+
+def test_gae_with_lambda_one_is_the_monte_carlo_return_minus_the_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.2, 0.5, 0.7]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    assert torch.allclose(returns, torch.ones(1, 3))
+    assert torch.allclose(advantages, 1.0 - values)
