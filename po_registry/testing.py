@@ -362,7 +362,7 @@ def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | N
     """Loss and gradients of our trainer with ``methods`` against TRL's ``GRPOTrainer`` (or the
     ``(trainer, config)`` classes in ``stock_classes``) with ``trl_flags``, on one identical off-policy
     micro-batch (behaviour log-probs shifted by ``off_policy`` noise so that ratios leave 1 and clipping acts).
-    Returns {"stock_loss", "ours_loss", "max_grad_diff", "advantages_diff", "completions_equal"}."""
+    Returns {"stock_loss", "ours_loss", "max_grad_diff", "advantages_diff", "completions_equal", "metrics"}."""
     import os
 
     import torch
@@ -370,7 +370,7 @@ def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | N
 
     from .config import PolicyOptimizationConfig
     from .tasks import exact_match, get_task
-    from .trainer import PolicyOptimizationTrainer
+    from .trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout, sampled_token_logps, train_metrics
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -396,32 +396,27 @@ def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | N
     rows = [dict(dataset[i]) for i in range(4) for _ in range(4)]
     results = {}
     for name, trainer in (("stock", stock), ("ours", ours)):
-        trainer.model.train()
         torch.manual_seed(seed)
-        results[name] = trainer._generate_and_score_completions([dict(r) for r in rows])
-    inputs = results["stock"]
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    with torch.no_grad():
-        logps, _, _ = stock._get_per_token_logps_and_entropies(stock.model, ids, attention,
-                                                               inputs["completion_ids"].size(1))
+        results[name] = rollout(trainer, rows)
+    logps = sampled_token_logps(stock, results["stock"])
     noise = torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed + 1))
     grads, losses = {}, {}
     for name, trainer in (("stock", stock), ("ours", ours)):
         batch = dict(results[name])
         batch["old_per_token_logps"] = logps + off_policy * noise
         trainer.model.zero_grad()
-        trainer.current_gradient_accumulation_steps = 2
-        loss = trainer._compute_loss(trainer.model, batch)
+        loss = micro_batch_loss(trainer, batch, accumulation_steps=2)
         loss.backward()
         losses[name] = loss.item()
         grads[name] = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    assert len(grads["stock"]) == len(grads["ours"]) > 0, "gradients reach different parameters"
     return {
         "stock_loss": losses["stock"],
         "ours_loss": losses["ours"],
         "max_grad_diff": max((a - b).abs().max().item() for a, b in zip(grads["stock"], grads["ours"])),
         "advantages_diff": (results["stock"]["advantages"] - results["ours"]["advantages"]).abs().max().item(),
         "completions_equal": torch.equal(results["stock"]["completion_ids"], results["ours"]["completion_ids"]),
+        "metrics": {"stock": dict(train_metrics(stock)), "ours": dict(train_metrics(ours))},
     }
 
 

@@ -265,6 +265,36 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             self.po_pipeline.load_state_dict(torch.load(path, weights_only=False))
 
 
+# -- TRL access for the test kit: rollouts and micro-batch losses of any GRPOTrainer, ours or TRL's ---------------
+
+
+def rollout(trainer: GRPOTrainer, rows: list[dict]) -> dict:
+    """One generation batch (rows repeated G times, grouped), scored as in training."""
+    trainer.model.train()
+    return trainer._generate_and_score_completions([dict(row) for row in rows])
+
+
+def sampled_token_logps(trainer: GRPOTrainer, batch: dict) -> torch.Tensor:
+    """(B, T) log-probs of the batch's completion tokens under the trainer's model, without gradient."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
+                                                                 batch["completion_ids"].size(1))
+    return logps
+
+
+def micro_batch_loss(trainer: GRPOTrainer, batch: dict, accumulation_steps: int = 1) -> torch.Tensor:
+    """The training loss of one micro-batch, as inside an accumulation window of ``accumulation_steps``."""
+    trainer.current_gradient_accumulation_steps = accumulation_steps
+    return trainer._compute_loss(trainer.model, batch)
+
+
+def train_metrics(trainer: GRPOTrainer) -> dict[str, list[float]]:
+    """Metrics recorded since the last log, by name."""
+    return trainer._metrics["train"]
+
+
 # Right-padding values of the per-row tensors a rollout dict carries; prompts are left-padded.
 _PAD_RIGHT = {"completion_mask": 0, "tool_mask": 1, "old_per_token_logps": 0.0, "ref_per_token_logps": 0.0,
               "sampling_per_token_logps": 0.0, "advantages": 0.0, "importance_sampling_ratio": 1.0}

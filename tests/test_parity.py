@@ -8,6 +8,7 @@ from helpers import build, digit_reward, generation_rows
 from trl import GRPOConfig, GRPOTrainer
 
 from po_registry.config import PolicyOptimizationConfig
+from po_registry.testing import trl_parity
 from po_registry.trainer import PolicyOptimizationTrainer
 
 ATOL = 1e-6
@@ -67,32 +68,6 @@ def test_training_matches_grpo_trainer(tiny_model_dir, tokenizer, prompt_dataset
     assert any(row.get("grad_norm", 0) > 0 for row in ours.state.log_history), "no gradient reached the model"
 
 
-def _loss_and_grads(trainer, inputs, accumulation_steps):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    trainer.current_gradient_accumulation_steps = accumulation_steps
-    loss = trainer._compute_loss(trainer.model, inputs)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def _off_policy_inputs(trainer, rows, scale=0.3):
-    """A generation batch whose behaviour log-probs differ from the policy's, so ratios fall on both sides
-    of the clip range (on-policy every ratio is 1 and the clip is a no-op)."""
-    torch.manual_seed(1)
-    inputs = trainer._generate_and_score_completions(rows)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, attention, inputs["completion_ids"].size(1)
-        )
-    generator = torch.Generator().manual_seed(2)
-    inputs["old_per_token_logps"] = logps + scale * torch.randn(logps.shape, generator=generator)
-    return inputs
-
-
 LOSS_CASES = [
     dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -102,20 +77,16 @@ LOSS_CASES = [
 
 
 @pytest.mark.parametrize("flags", LOSS_CASES, ids=lambda f: "-".join(str(v) for v in f.values()))
-def test_loss_and_gradients_match_off_policy(tiny_model_dir, tokenizer, prompt_dataset, tmp_path, flags):
+def test_loss_and_gradients_match_off_policy(tiny_model_dir, tokenizer, flags):
+    """One micro-batch (GA 2) whose behaviour log-probs are shifted off the policy, so clipping acts."""
     epsilons = dict(epsilon=3e-4, epsilon_high=4e-4) if flags["importance_sampling_level"] == "sequence" else {}
-    stock, ours = _pair(tiny_model_dir, tokenizer, prompt_dataset, tmp_path, gradient_accumulation_steps=2,
-                        **epsilons, **flags)
-    inputs = _off_policy_inputs(stock, generation_rows(prompt_dataset, stock))
-    stock_loss, stock_grads = _loss_and_grads(stock, inputs, 2)
-    ours_loss, ours_grads = _loss_and_grads(ours, inputs, 2)
-    assert stock_loss.item() != 0.0
-    assert torch.allclose(stock_loss, ours_loss, atol=ATOL, rtol=0)
-    assert stock_grads.keys() == ours_grads.keys() and stock_grads
-    for name, grad in stock_grads.items():
-        assert torch.allclose(grad, ours_grads[name], atol=ATOL, rtol=0), name
-    clipped = ours._metrics["train"]["clip_ratio/region_mean"]
-    assert clipped == stock._metrics["train"]["clip_ratio/region_mean"] and clipped[0] > 0, "no ratio was clipped"
+    result = trl_parity(tiny_model_dir, tokenizer, ["grpo"], {}, shared_flags={**epsilons, **flags})
+    assert result["completions_equal"] and result["advantages_diff"] <= ATOL
+    assert result["stock_loss"] != 0.0
+    assert result["ours_loss"] == pytest.approx(result["stock_loss"], abs=ATOL)
+    assert result["max_grad_diff"] <= ATOL
+    clipped = result["metrics"]["ours"]["clip_ratio/region_mean"]
+    assert clipped == result["metrics"]["stock"]["clip_ratio/region_mean"] and clipped[0] > 0, "nothing was clipped"
 
 
 def reward_with_gaps(completions, **kwargs):

@@ -6,6 +6,7 @@ from po_registry_dapo import ClipHigher, DynamicSampling, soft_overlong_penalty
 
 from po_registry.pipeline import assemble
 from po_registry.testing import PluginConformance
+from po_registry.trainer import rollout, train_metrics
 
 
 class TestDAPOConformance(PluginConformance):
@@ -71,12 +72,11 @@ def sparse_reward(completions, **kwargs):
 def test_dynamic_sampling_refills_the_batch(po_trainer):
     trainer = po_trainer(["dynamic-sampling"], {"dynamic_sampling_max_rounds": 6}, reward_funcs=[sparse_reward],
                          per_device_train_batch_size=16, max_steps=3)
-    trainer.model.train()
     rows = [dict(trainer.train_dataset[i]) for i in range(4) for _ in range(4)]
     torch.manual_seed(0)
-    out = trainer._generate_and_score_completions(rows)
+    out = rollout(trainer, rows)
     assert out["completion_ids"].shape[0] == 16  # the batch size is constant
-    metrics = trainer._metrics["train"]
+    metrics = train_metrics(trainer)
     assert metrics["dynamic_sampling/extra_rounds"][0] >= 1 and metrics["dynamic_sampling/dropped_groups"][0] >= 1
     # Every group that carries loss has reward spread, so a non-zero advantage somewhere.
     advantages = out["advantages"].view(4, 4)

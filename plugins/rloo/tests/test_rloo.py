@@ -44,7 +44,7 @@ def test_advantages_equal_trl_rloo_trainer(po_tokenizer, po_tiny_model_dir, tmp_
 
     from po_registry.config import PolicyOptimizationConfig
     from po_registry.tasks import exact_match, get_task
-    from po_registry.trainer import PolicyOptimizationTrainer
+    from po_registry.trainer import PolicyOptimizationTrainer, rollout
 
     def partial(completions, answer, **kwargs):
         return [e + 0.1 * sum(c.isdigit() for c in t) for e, t in zip(exact_match(completions, answer), completions)]
@@ -63,9 +63,8 @@ def test_advantages_equal_trl_rloo_trainer(po_tokenizer, po_tiny_model_dir, tmp_
     rows = [dict(dataset[i]) for i in range(4) for _ in range(4)]
     outputs = []
     for trainer in (stock, ours):
-        trainer.model.train()
         torch.manual_seed(0)
-        outputs.append(trainer._generate_and_score_completions([dict(r) for r in rows]))
+        outputs.append(rollout(trainer, rows))
     assert torch.equal(outputs[0]["completion_ids"], outputs[1]["completion_ids"])
     assert outputs[0]["advantages"].abs().sum() > 0
     assert torch.allclose(outputs[0]["advantages"], outputs[1]["advantages"], atol=1e-6)

@@ -106,7 +106,7 @@ def test_equals_trl_vllm_importance_sampling(po_tokenizer, po_tiny_model_dir, tm
 
     from po_registry.config import PolicyOptimizationConfig
     from po_registry.tasks import get_task
-    from po_registry.trainer import PolicyOptimizationTrainer
+    from po_registry.trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout
 
     dataset = get_task("addition").dataset(64)
     rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
@@ -124,12 +124,10 @@ def test_equals_trl_vllm_importance_sampling(po_tokenizer, po_tiny_model_dir, tm
                                                       "rollout_correction_clip_min": 0.8}, **COMMON))
     results = {}
     for name, trainer in (("stock", stock), ("ours", ours)):
-        trainer.model.train()
         torch.manual_seed(0)
-        batch = trainer._generate_and_score_completions([dict(r) for r in rows])
-        trainer.current_gradient_accumulation_steps = 1
+        batch = rollout(trainer, rows)
         trainer.model.zero_grad()
-        loss = trainer._compute_loss(trainer.model, batch)
+        loss = micro_batch_loss(trainer, batch)
         loss.backward()
         results[name] = (batch, loss.detach(), [p.grad.clone() for p in trainer.model.parameters()])
     stock_batch, ours_batch = results["stock"][0], results["ours"][0]
