@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-__all__ = ["PluginConformance", "char_tokenizer", "loss_batch", "reward_batch", "tiny_causal_lm"]
+__all__ = ["PluginConformance", "char_tokenizer", "free_port", "loss_batch", "reward_batch", "tiny_causal_lm",
+           "trl_parity"]
 
 
 def char_tokenizer():
@@ -38,6 +39,15 @@ def tiny_causal_lm(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: 
     from .embedded import llama
 
     return llama(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers, tie=False)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a multi-process test's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def default_args(methods=("grpo",), options=None, **fields):

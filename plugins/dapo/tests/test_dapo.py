@@ -105,8 +105,11 @@ def test_dynamic_sampling_on_two_processes_does_not_hang(tmp_path):
 
     script = Path(__file__).with_name("dynamic_sampling_two_processes.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    from po_registry.testing import free_port
+
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29519", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                           str(free_port()), str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and len(result["logged"]) == 3
