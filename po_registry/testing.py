@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-__all__ = ["PluginConformance", "char_tokenizer", "free_port", "loss_batch", "reward_batch", "tiny_causal_lm",
-           "trl_parity"]
+__all__ = ["PluginConformance", "char_tokenizer", "free_port", "loss_batch", "partial_credit", "reward_batch",
+           "tiny_causal_lm", "trl_parity"]
 
 
 def char_tokenizer():
@@ -48,6 +48,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def partial_credit(completions, answer, **kwargs) -> list[float]:
+    """Exact match plus 0.1 per digit: an untrained tiny model still gets reward spread within its groups."""
+    from .tasks import exact_match
+
+    return [e + 0.1 * sum(ch.isdigit() for ch in text) for e, text in zip(exact_match(completions, answer), completions)]
 
 
 def default_args(methods=("grpo",), options=None, **fields):
@@ -176,12 +183,8 @@ def po_trainer(tmp_path, po_tokenizer):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from .config import PolicyOptimizationConfig
-        from .tasks import exact_match, get_task
+        from .tasks import get_task
         from .trainer import PolicyOptimizationTrainer
-
-        def partial_credit(completions, answer, **kwargs):
-            exact = exact_match(completions, answer)
-            return [e + 0.1 * sum(ch.isdigit() for ch in text) for e, text in zip(exact, completions)]
 
         config = dict(output_dir=str(tmp_path / "trainer"), use_cpu=True, bf16=False, report_to="none",
                       gradient_checkpointing=False, per_device_train_batch_size=8, num_generations=4,
@@ -379,14 +382,10 @@ def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | N
     from trl import GRPOConfig, GRPOTrainer
 
     from .config import PolicyOptimizationConfig
-    from .tasks import exact_match, get_task
+    from .tasks import get_task
     from .trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout, sampled_token_logps, train_metrics
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    def partial_credit(completions, answer, **kwargs):
-        return [e + 0.1 * sum(ch.isdigit() for ch in text) for e, text in zip(exact_match(completions, answer),
-                                                                            completions)]
 
     common = dict(use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
                   per_device_train_batch_size=16, num_generations=4, max_completion_length=6, learning_rate=1e-2,

@@ -43,11 +43,9 @@ def test_advantages_equal_trl_rloo_trainer(po_tokenizer, po_tiny_model_dir, tmp_
     from trl import RLOOConfig, RLOOTrainer
 
     from po_registry.config import PolicyOptimizationConfig
-    from po_registry.tasks import exact_match, get_task
+    from po_registry.tasks import get_task
+    from po_registry.testing import partial_credit as partial
     from po_registry.trainer import PolicyOptimizationTrainer, rollout
-
-    def partial(completions, answer, **kwargs):
-        return [e + 0.1 * sum(c.isdigit() for c in t) for e, t in zip(exact_match(completions, answer), completions)]
 
     common = dict(use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
                   per_device_train_batch_size=16, num_generations=4, max_completion_length=6, beta=0.0,

@@ -8,7 +8,7 @@ import torch
 from po_registry_rollout_correction import RolloutCorrection
 
 from po_registry import OptionError
-from po_registry.testing import PluginConformance, default_args
+from po_registry.testing import PluginConformance, default_args, partial_credit
 
 
 class TestConformance(PluginConformance):
@@ -87,12 +87,6 @@ def make_rollout(tokenizer, noise=0.3, seed=0):
     return rollout
 
 
-def _partial(completions, answer, **kwargs):
-    from po_registry.tasks import exact_match
-
-    return [e + 0.1 * sum(c.isdigit() for c in text) for e, text in zip(exact_match(completions, answer), completions)]
-
-
 COMMON = dict(use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False, per_device_train_batch_size=8,
               num_generations=4, max_completion_length=6, learning_rate=1e-2, logging_steps=1, save_strategy="no",
               disable_tqdm=True, loss_type="grpo")
@@ -110,14 +104,14 @@ def test_equals_trl_vllm_importance_sampling(po_tokenizer, po_tiny_model_dir, tm
 
     dataset = get_task("addition").dataset(64)
     rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
-    stock = GRPOTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[_partial],
+    stock = GRPOTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[partial_credit],
                         train_dataset=dataset, rollout_func=make_rollout(po_tokenizer),
                         args=GRPOConfig(output_dir=str(tmp_path / "stock"), vllm_importance_sampling_mode=mode,
                                         vllm_importance_sampling_clip_max=1.3, vllm_importance_sampling_clip_min=0.8,
                                         **COMMON))
     stock.use_vllm, stock._last_loaded_step = True, stock.state.global_step  # TRL's correction path, no engine
     ours = PolicyOptimizationTrainer(
-        model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[_partial], train_dataset=dataset,
+        model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[partial_credit], train_dataset=dataset,
         rollout_func=make_rollout(po_tokenizer),
         args=PolicyOptimizationConfig(output_dir=str(tmp_path / "ours"), methods=["rollout-correction"],
                                       method_options={"rollout_correction_mode": mode, "rollout_correction_clip_max": 1.3,
@@ -147,7 +141,7 @@ def test_trains_from_a_rollout_function_with_sampler_log_probs(po_tokenizer, po_
     config = PolicyOptimizationConfig(
         output_dir=str(tmp_path), max_steps=2, methods=["rollout-correction"],
         method_options={"rollout_correction_mode": "token_truncate", "rollout_correction_clip_max": 1.5}, **COMMON)
-    trainer = PolicyOptimizationTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[_partial],
+    trainer = PolicyOptimizationTrainer(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[partial_credit],
                                         args=config, train_dataset=get_task("addition").dataset(64),
                                         rollout_func=make_rollout(po_tokenizer))
     trainer.train()
