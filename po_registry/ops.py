@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "AggregationMode",
     "aggregate",
+    "clip_regions",
     "clipped_surrogate",
     "gae",
     "group_mean",
@@ -133,6 +134,13 @@ def clipped_surrogate(
     if delta is not None:
         ratio = torch.clamp(ratio, max=delta)
     return -torch.min(ratio * advantages, clipped * advantages)
+
+
+def clip_regions(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                 epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the clipped surrogate's clip binds (no gradient there): (r < 1 - eps_low and A < 0,
+    r > 1 + eps_high and A > 0), as bool tensors broadcast from ``ratio`` and ``advantages``."""
+    return (ratio < 1 - epsilon_low) & (advantages < 0), (ratio > 1 + epsilon_high) & (advantages > 0)
 
 
 AggregationMode = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "global-token-mean", "seq-sum"]

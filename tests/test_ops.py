@@ -7,6 +7,7 @@ import torch
 
 from po_registry.ops import (
     aggregate,
+    clip_regions,
     clipped_surrogate,
     gae,
     group_mean,
@@ -180,3 +181,11 @@ def test_gae_with_lambda_one_is_the_monte_carlo_return_minus_the_value():
     advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
     assert torch.allclose(returns, torch.ones(1, 3))
     assert torch.allclose(advantages, 1.0 - values)
+
+
+def test_clip_regions_are_where_the_clip_binds():
+    ratio = torch.tensor([0.7, 0.8, 1.3, 1.3, 0.7])
+    advantages = torch.tensor([-1.0, -1.0, 1.0, -1.0, 1.0])
+    low, high = clip_regions(ratio, advantages, 0.2, 0.2)
+    assert low.tolist() == [True, False, False, False, False]  # at the boundary the clip does not bind yet
+    assert high.tolist() == [False, False, True, False, False]

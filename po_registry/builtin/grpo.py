@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..hookspecs import hookimpl
-from ..ops import aggregate, clipped_surrogate, group_mean, group_std, kl_estimate, masked_mean, nanstd
+from ..ops import aggregate, clip_regions, clipped_surrogate, group_mean, group_std, kl_estimate, masked_mean, nanstd
 from ..ops import sequence_log_ratio
 
 STD_EPS = 1e-4  # TRL's divisor guard: A = (R - mean) / (std + 1e-4)
@@ -94,8 +94,7 @@ class ClipObjective:
         args, A = batch.args, batch.advantages
         ratio = torch.exp(log_weights)
         loss = clipped_surrogate(ratio, A, args.epsilon, _epsilon_high(args), args.delta)
-        low = (ratio < 1 - args.epsilon) & (A < 0)
-        high = (ratio > 1 + _epsilon_high(args)) & (A > 0)
+        low, high = clip_regions(ratio, A, args.epsilon, _epsilon_high(args))
         batch.log_metric("clip_ratio/low_mean", batch.global_masked_mean(low.float()))
         batch.log_metric("clip_ratio/high_mean", batch.global_masked_mean(high.float()))
         batch.log_metric("clip_ratio/region_mean", batch.global_masked_mean((low | high).float()))

@@ -14,7 +14,7 @@ Four components, each usable alone, and the method ``dapo`` that composes them:
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import aggregate, clipped_surrogate, group_std
+from po_registry.ops import aggregate, clip_regions, clipped_surrogate, group_std
 
 PAPER = "arXiv 2503.14476"
 
@@ -35,8 +35,7 @@ class ClipHigher:
     def po_policy_objective(self, batch, log_weights):
         low, high = batch.options["dapo_epsilon_low"], batch.options["dapo_epsilon_high"]
         ratio, advantages = torch.exp(log_weights), batch.advantages
-        clipped_high = (ratio > 1 + high) & (advantages > 0)
-        clipped_low = (ratio < 1 - low) & (advantages < 0)
+        clipped_low, clipped_high = clip_regions(ratio, advantages, low, high)
         batch.log_metric("dapo/clip_ratio_high", batch.global_masked_mean(clipped_high.float()))
         batch.log_metric("dapo/clip_ratio_low", batch.global_masked_mean(clipped_low.float()))
         return clipped_surrogate(ratio, advantages, low, high)

@@ -9,7 +9,7 @@ GSPO-token:  s_{i,t} = sg[s_i] * pi_theta(y_{i,t}) / sg[pi_theta(y_{i,t})]   (eq
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import aggregate, clipped_surrogate, sequence_log_ratio
+from po_registry.ops import aggregate, clip_regions, clipped_surrogate, sequence_log_ratio
 
 
 class GSPO:
@@ -48,8 +48,8 @@ class GSPO:
         low = batch.options[f"{self.option_prefix}_epsilon_low"]
         high = batch.options[f"{self.option_prefix}_epsilon_high"]
         ratio = torch.exp(log_weights)
-        clipped = ((ratio < 1 - low) & (batch.advantages < 0)) | ((ratio > 1 + high) & (batch.advantages > 0))
-        batch.log_metric(f"{self.name}/clip_ratio", batch.global_masked_mean(clipped.float()))
+        clipped_low, clipped_high = clip_regions(ratio, batch.advantages, low, high)
+        batch.log_metric(f"{self.name}/clip_ratio", batch.global_masked_mean((clipped_low | clipped_high).float()))
         return clipped_surrogate(ratio, batch.advantages, low, high)
 
     @hookimpl
