@@ -41,6 +41,11 @@ class RewardBatch:
     policy_logps: Callable[[], torch.Tensor] | None = None
     processing_class: Any = None  # the trainer's tokenizer, to decode completions
     log_metric: Callable[[str, float], None] = _ignore_metric
+    # (B, T) -> (N, T): concatenate this process's rows with every other process's, padding T to the longest.
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # (N,) weighted reward of one greedy (temperature 0) completion of each row's prompt, no gradient; generated
+    # and scored on first call (a baseline, as in ReMax). NaN where every reward function returned None.
+    greedy_rewards: Callable[[], torch.Tensor] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -54,6 +59,25 @@ class RewardBatch:
     @property
     def num_groups(self) -> int:
         return self.num_rows // self.group_size
+
+    @property
+    def local_rows(self) -> slice:
+        """This process's rows of the global batch (``local`` holds them)."""
+        count = self.num_rows // self.num_processes
+        return slice(self.process_index * count, (self.process_index + 1) * count)
+
+    def carry(self, key: str, values: torch.Tensor) -> None:
+        """Attach per-row values, (N,) or (N, T) over the global batch, to the rollout: this process's rows travel
+        with their completions (through shuffling, micro-batching and dynamic sampling) and reach the trajectory
+        side as ``LossBatch.inputs[key]``. For what a loss-side stage needs from the reward side (value targets)."""
+        if values.shape[0] != self.num_rows:
+            raise ValueError(f"carry({key!r}): expected {self.num_rows} rows, got {tuple(values.shape)}")
+        if key in self.local:
+            raise ValueError(f"carry({key!r}): the rollout already has an entry {key!r}")
+        mine = values[self.local_rows].detach()
+        if mine.dim() == 2:
+            mine = mine[:, : self.local["completion_ids"].shape[1]]
+        self.local[key] = mine
 
     def weighted_reward(self, rewards: torch.Tensor) -> torch.Tensor:
         """R = sum_k w_k r_k (N,), NaN-ignoring; a row whose every reward is NaN stays NaN."""
@@ -80,7 +104,8 @@ class LossBatch:
     max_completion_length: int
     options: Mapping[str, Any]
     args: Any
-    inputs: Mapping[str, Any]  # the raw micro-batch dict from the rollout
+    inputs: Mapping[str, Any]  # the raw micro-batch dict from the rollout (with what reward-side stages carried)
+    rewards: torch.Tensor | None = None  # (B,) weighted, shaped reward of each row (NaN: unscored)
     step: int = 0
     training: bool = True
     log_metric: Callable[[str, float], None] = _ignore_metric

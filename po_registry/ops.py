@@ -16,12 +16,14 @@ __all__ = [
     "aggregate",
     "clip_regions",
     "clipped_surrogate",
+    "clipped_value_loss",
     "gae",
     "group_mean",
     "group_std",
     "kl_estimate",
     "masked_mean",
     "masked_sum",
+    "masked_whiten",
     "nanstd",
     "returns_to_go",
     "sequence_log_ratio",
@@ -37,6 +39,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     """Mean of ``x`` over the positions where ``mask`` is set; an empty mask gives 0, not NaN."""
     count = mask.sum() if dim is None else mask.sum(dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the masked positions (population std), 0 outside the mask."""
+    mean = masked_mean(x, mask)
+    std = masked_mean((x - mean) ** 2, mask).sqrt()
+    return (x - mean) / (std + eps) * mask
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
@@ -96,11 +105,12 @@ def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float | torch.Tensor = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the masked tokens of each row (Schulman et al. 2015).
 
     delta_t = r_t + gamma V_{t+1} - V_t (V after the last token is 0), A_t = sum_l (gamma lam)^l delta_{t+l};
-    returns (advantages, returns = advantages + values), both 0 outside the mask. Rows are right-padded."""
+    returns (advantages, returns = advantages + values), both 0 outside the mask. Rows are right-padded.
+    ``lam`` is one value or one per row (N,) (VAPO's length-adaptive lambda)."""
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
@@ -112,6 +122,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = running
         next_value = values[:, t]
     return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """PPO's clipped value loss per token: 0.5 max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

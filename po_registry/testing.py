@@ -91,6 +91,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
              "completion_mask": mask.long(), "prompt_ids": torch.randint(4, 20, (n, 3), generator=generator),
              "prompt_mask": torch.ones(n, 3, dtype=torch.long),
              "ref_per_token_logps": policy_logps + 0.1 * torch.randn(n, width, generator=generator)}
+    greedy = torch.randint(0, 2, (num_groups,), generator=generator).float().repeat_interleave(group_size)
     batch = RewardBatch(
         reward_names=[f"reward_{k}" for k in range(rewards.shape[1])],
         reward_weights=torch.ones(rewards.shape[1]),
@@ -104,6 +105,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         local=local,
         policy_logps=lambda: policy_logps,
         processing_class=char_tokenizer(),
+        greedy_rewards=lambda: greedy,
     )
     return rewards, batch
 
@@ -143,7 +145,11 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
         max_completion_length=width,
         options=dict(options or {}),
         args=args,
-        inputs={"completion_mask": mask.long()},
+        inputs={"prompt_ids": torch.randint(4, 20, (rows, 3), generator=generator),
+                "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
+                "completion_ids": torch.randint(4, 20, (rows, width), generator=generator) * mask.long(),
+                "completion_mask": mask.long()},
+        rewards=torch.randint(0, 2, (rows,), generator=generator).float(),
     )
 
 
@@ -225,6 +231,10 @@ class PluginConformance:
     train_steps: int = 2
     metrics: tuple[str, ...] = ()  # metrics the method must log during training
 
+    def prepare_loss_batch(self, batch) -> None:
+        """Override to add what the method's reward side carries to the loss side (``RewardBatch.carry``) to the
+        synthetic micro-batch's ``inputs``."""
+
     # -- helpers --
 
     def _args(self):
@@ -241,6 +251,7 @@ class PluginConformance:
 
         torch.manual_seed(0)
         batch = loss_batch(args=args, options=pipeline.options, **kwargs)
+        self.prepare_loss_batch(batch)
         loss = pipeline.loss(batch)
         return loss, batch
 
@@ -309,6 +320,7 @@ class PluginConformance:
         masked = ~batch.mask.bool()
         torch.manual_seed(0)
         other = loss_batch(args=args, options=pipeline.options, per_token_advantages=True)
+        self.prepare_loss_batch(other)
         noise = torch.Generator().manual_seed(9)
         with torch.no_grad():
             for name in ("logps", "old_logps", "ref_logps", "entropies", "advantages"):

@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
@@ -102,6 +104,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             num_processes=self.accelerator.num_processes,
             log_metric=self._metric_logger(mode),
             processing_class=self.processing_class,
+            gather=self._gather_padded,
         )
         rewards = self.po_pipeline.shape_rewards(rewards, batch)
         self._po_rewards = (rewards, batch)
@@ -124,6 +127,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         loss_mask = loss_mask.float()
         batch.local = out
         batch.policy_logps = functools.cache(lambda: self._behaviour_logps(out))
+        batch.greedy_rewards = functools.cache(lambda: self._greedy_rewards(inputs, out, batch))
         token_rewards = self.po_pipeline.token_rewards(batch, like=loss_mask)
         batch.completion_mask = self._gather_padded(loss_mask)
         if token_rewards is not None:
@@ -133,6 +137,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         n_local, width = loss_mask.shape
         rows = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
         out["advantages"] = advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
+        out["po_rewards"] = batch.weighted_reward(rewards)[rows]
 
         keep_samples = self.po_pipeline.select_samples(rewards, batch)
         keep_groups = self.po_pipeline.select_groups(rewards, batch)
@@ -163,6 +168,34 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
                                                                   out["completion_ids"].size(1))
         return logps
+
+    def _greedy_rewards(self, inputs, out, batch: RewardBatch) -> torch.Tensor:
+        """(N,) weighted reward of a greedy completion of each row's prompt: one decode per distinct prompt on
+        this process (a prompt's G rows are adjacent), scored by the reward functions, gathered."""
+        if self.use_vllm:
+            raise NotImplementedError("greedy baselines are decoded with transformers; they are not available "
+                                      "with use_vllm=True")
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(out["prompt_ids"], out["prompt_mask"])]
+        firsts = [i for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1]]
+        greedy = {key: value for key, value in self.generation_kwargs.items()
+                  if key not in ("temperature", "top_p", "top_k", "min_p")}
+        greedy["do_sample"] = False
+        sampling = (self.generation_config, self.generation_kwargs)
+        self.generation_config, self.generation_kwargs = GenerationConfig(**greedy, disable_compile=True), greedy
+        try:
+            decoded, _ = self._generate_single_turn([prompts[i] for i in firsts], None, {}, 1)
+        finally:
+            self.generation_config, self.generation_kwargs = sampling
+        owner = torch.tensor([i in firsts for i in range(len(prompts))]).cumsum(0) - 1
+        completion_ids = [decoded[j] for j in owner.tolist()]
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if is_conversational(inputs[0]):
+            completions = [[{"role": "assistant", "content": text}] for text in texts]
+        else:
+            completions = texts
+        prompt_texts = [row["prompt"] for row in inputs]
+        rewards = GRPOTrainer._calculate_rewards(self, inputs, prompt_texts, completions, completion_ids)
+        return batch.weighted_reward(rewards)
 
     def _refill(self, inputs, out, kept_groups, rounds: int):
         """Dynamic sampling: replace dropped groups with groups of fresh prompts until every process has a full
@@ -235,6 +268,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             options=self.po_options,
             args=self.args,
             inputs=inputs,
+            rewards=inputs.get("po_rewards"),
             step=self.state.global_step,
             training=training,
             log_metric=self._metric_logger(mode),

@@ -59,3 +59,9 @@ def build(trainer_cls, config_cls, model, tokenizer, dataset, tmp_path, peft=Fal
 def generation_rows(dataset, trainer, prompts=4):
     G = trainer.num_generations
     return [dict(dataset[i]) for i in range(prompts) for _ in range(G)]
+
+
+def digit_token_rewards(completions, completion_ids, **kwargs):
+    """A per-token process reward: 1 for each digit token, 0 otherwise."""
+    return [[1.0 if str(text)[i:i + 1].isdigit() else 0.0 for i in range(len(ids))]
+            for text, ids in zip(completions, completion_ids)]

@@ -11,15 +11,39 @@ import pytest
 from po_registry.testing import free_port
 
 
-def test_two_processes_match_grpo_trainer(tmp_path):
+def _two_processes(script: str, out: Path) -> dict:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    script = Path(__file__).with_name("multiprocess_parity.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(script), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+               str(free_port()), str(Path(__file__).with_name(script)), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    return json.loads((out / "result.json").read_text())
+
+
+def test_two_processes_match_grpo_trainer(tmp_path):
+    result = _two_processes("multiprocess_parity.py", tmp_path)
     assert result["world_size"] == 2
     assert len(result["losses"]["ours"]) == 2
     assert result["losses"]["stock"] == pytest.approx(result["losses"]["ours"], abs=1e-6)
     assert result["max_param_diff"] <= 1e-6
+
+
+def test_reward_side_methods_use_the_whole_batch_on_two_processes(tmp_path):
+    """Each process computes the same advantages for all rows of both processes; batch-global statistics
+    (REINFORCE++ and PPO whitening, RLOO's leave-one-out) hold over the gathered batch, not per process."""
+    import torch
+
+    result = _two_processes("multiprocess_reward_side.py", tmp_path)
+    assert result["world_size"] == 2
+    for method, (first, second) in result["methods"].items():
+        assert len(first) == len(second) >= 1, method
+        for mine, theirs in zip(first, second):
+            assert mine["rows"] == 2 * mine["local_rows"], method
+            assert torch.allclose(torch.tensor(mine["advantages"]), torch.tensor(theirs["advantages"]), atol=1e-6), method
+        advantages, mask = torch.tensor(first[0]["advantages"]), torch.tensor(first[0]["mask"])
+        if method in ("reinforce-pp-baseline", "ppo"):  # whitened over every loss token of both processes
+            tokens = advantages[mask.bool()]
+            assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5), method
+            assert tokens.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3), method
+        if method == "rloo":  # leave-one-out advantages sum to zero within each group
+            assert advantages.view(-1, 4).sum(dim=1).abs().max().item() < 1e-5

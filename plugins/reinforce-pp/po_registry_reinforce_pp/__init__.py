@@ -8,7 +8,7 @@ batch, A <- (A - mean) / std. REINFORCE++-baseline first subtracts the group mea
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import group_mean, masked_mean, returns_to_go
+from po_registry.ops import group_mean, masked_mean, masked_whiten, returns_to_go
 
 PAPER = "arXiv 2501.03262"
 
@@ -55,9 +55,7 @@ class ReinforcePP:
         rows = torch.arange(mask.shape[0], device=mask.device)
         per_token[rows, last_token_index(mask)] += total.nan_to_num(0.0)
         advantages = returns_to_go(per_token * mask, batch.options[f"{self.name.replace('-', '_')}_gamma"]) * mask
-        mean = masked_mean(advantages, mask)
-        std = masked_mean((advantages - mean) ** 2, mask).sqrt()
-        return ((advantages - mean) / (std + 1e-8)) * mask
+        return masked_whiten(advantages, mask)
 
 
 class ReinforcePPBaseline(ReinforcePP):

@@ -1,0 +1,210 @@
+"""PPO with a learned critic and VAPO: GAE plumbing against a reference loop, the value loss, the critic learning,
+its checkpoint, value pretraining, a LoRA critic, and end-to-end training."""
+
+import pytest
+import torch
+from po_registry_ppo import length_adaptive_lambda, token_values
+
+from po_registry.ops import clipped_value_loss
+from po_registry.registry import get_registry
+from po_registry.testing import PluginConformance, default_args
+
+
+def _critic():
+    return get_registry().plugin("ppo-critic", needed_by="the tests")
+
+
+def _defaults(**overrides):
+    registry = get_registry()
+    options = {name: opt.default for name, opt in registry.options.items() if opt.plugin in ("ppo-critic",)}
+    return {**options, **overrides}
+
+
+@pytest.fixture(autouse=True)
+def tiny_critic(po_tiny_model_dir):
+    """Synthetic batches have no trainer: give the critic a tiny value model (trainer tests set up their own)."""
+    _critic().build(po_tiny_model_dir, "cpu", torch.float32, _defaults())
+
+
+def _carry_value_targets(batch):
+    generator = torch.Generator().manual_seed(3)
+    shape = batch.mask.shape
+    batch.inputs.update(ppo_old_values=torch.randn(shape, generator=generator),
+                        ppo_returns=torch.randn(shape, generator=generator), ppo_value_mask=torch.ones(shape))
+
+
+class TestConformance(PluginConformance):
+    method = "ppo"
+    metrics = ("ppo/value_loss", "ppo/explained_variance", "ppo/value_mean")
+
+    def prepare_loss_batch(self, batch):
+        _carry_value_targets(batch)
+
+
+class TestVapoConformance(PluginConformance):
+    method = "vapo"
+    options = {"ppo_critic_warmup_steps": 0}
+    metrics = ("ppo/value_loss", "positive_nll/positive_fraction", "dapo/clip_ratio_high")
+
+    def prepare_loss_batch(self, batch):
+        _carry_value_targets(batch)
+
+
+def _reference_gae(rewards, values, gamma, lam):
+    """One row, valid tokens only: the textbook backward recursion."""
+    advantages, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        running = rewards[t] + gamma * next_value - values[t] + gamma * lam * running
+        advantages[t] = running
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_advantages_and_targets_follow_gae_on_each_row(po_reward_batch, alpha):
+    options = _defaults(ppo_gamma=0.9, ppo_lambda=0.8, ppo_critic_lambda=1.0, ppo_whiten_advantages=False,
+                        ppo_length_adaptive_alpha=alpha)
+    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args())
+    rewards[2, 0] = float("nan")  # unscorable: no advantage, no value target
+    batch.token_rewards = 0.1 * torch.arange(30.0).view(6, 5) * batch.completion_mask
+    critic = _critic()
+    advantages = critic.po_compute_advantages(rewards, batch)
+    with torch.no_grad():
+        values = token_values(critic.model, batch.local)
+    for row in range(6):
+        length = int(batch.completion_mask[row].sum())
+        if row == 2:
+            assert advantages[row].abs().sum() == 0 and batch.local["ppo_value_mask"][row].sum() == 0
+            continue
+        dense = batch.token_rewards[row, :length].tolist()
+        dense[-1] += rewards[row, 0].item()
+        lam = 0.8 if alpha == 0 else max(0.0, 1 - 1 / (alpha * length))
+        expected, _ = _reference_gae(dense, values[row, :length].tolist(), 0.9, lam)
+        _, targets = _reference_gae(dense, values[row, :length].tolist(), 0.9, 1.0)
+        assert advantages[row, :length].tolist() == pytest.approx(expected, abs=1e-5)
+        assert advantages[row, length:].abs().sum() == 0
+        assert batch.local["ppo_returns"][row, :length].tolist() == pytest.approx(targets, abs=1e-5)
+        assert batch.local["ppo_old_values"][row, :length].tolist() == pytest.approx(values[row, :length].tolist())
+
+
+def test_whitened_advantages_have_zero_mean_and_unit_std_over_loss_tokens(po_reward_batch):
+    rewards, batch = po_reward_batch(group_size=4, num_groups=3, width=6, options=_defaults(), args=default_args())
+    advantages = _critic().po_compute_advantages(rewards, batch)
+    tokens = advantages[batch.completion_mask.bool()]
+    assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert tokens.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_values_are_read_before_each_completion_token(po_tiny_model_dir):
+    """V(s_t) for completion token t is the head at the last position of prompt + completion[:t]."""
+    critic = _critic()
+    rows = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long),
+            "completion_ids": torch.tensor([[8, 9]]), "completion_mask": torch.ones(1, 2, dtype=torch.long)}
+    with torch.no_grad():
+        values = token_values(critic.model, rows)
+        prefix = critic.model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, :, 0]
+    assert values[0].tolist() == pytest.approx([prefix[2].item(), prefix[3].item()], abs=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.5, 0.5, 0.4]), torch.tensor([2.0, 2.0, 0.0])
+    got = clipped_value_loss(values, old, returns, clip=0.2)
+    # row 0: max((1-2)^2, (0.7-2)^2) = 1.69; row 1: max(4, (0.3-2)^2) = 4; row 2 within the clip: 0.25
+    assert got.tolist() == pytest.approx([0.5 * 1.69, 0.5 * 4.0, 0.5 * 0.25])
+
+
+def test_length_adaptive_lambda():
+    got = length_adaptive_lambda(torch.tensor([10, 20, 100, 1000]), alpha=0.05)
+    assert got.tolist() == pytest.approx([0.0, 0.0, 0.8, 0.98])
+
+
+def test_value_loss_trains_only_the_critic(po_loss_batch):
+    critic = _critic()
+    batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]))
+    _carry_value_targets(batch)
+    loss = critic.po_loss_penalty(batch)
+    loss.backward()
+    assert batch.logps.grad is None
+    assert all(p.grad is not None for p in critic.parameters)
+
+
+def test_missing_value_targets_are_an_error(po_loss_batch):
+    batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]))
+    with pytest.raises(ValueError, match="no value targets"):
+        _critic().po_loss_penalty(batch)
+
+
+def test_positive_nll_on_positive_rows_only(po_loss_batch):
+    plugin = get_registry().plugin("positive-nll", needed_by="the tests")
+    batch = po_loss_batch(options={"positive_nll_coef": 0.1, "positive_nll_threshold": 1.0}, args=default_args())
+    batch.rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, float("nan"), 0.5])
+    mask = batch.mask * torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]).unsqueeze(1)
+    expected = 0.1 * (-(batch.logps * mask).sum() / mask.sum())
+    assert plugin.po_loss_penalty(batch).item() == pytest.approx(expected.item())
+    batch.rewards = torch.zeros(6)
+    assert plugin.po_loss_penalty(batch) is None
+
+
+def _critic_weights():
+    return [p.detach().clone() for p in _critic().parameters]
+
+
+def test_critic_learns_on_the_embedded_task(po_trainer):
+    """With the policy held fixed (value pretraining), the critic's error on a held-out rollout's Monte Carlo
+    returns falls, and the logged value loss with it."""
+    from po_registry.trainer import rollout
+
+    trainer = po_trainer(["ppo"], {"ppo_critic_lr": 1e-3, "ppo_critic_lambda": 1.0, "ppo_critic_warmup_steps": 30},
+                         embedded=True, max_steps=30, per_device_train_batch_size=16, num_generations=4)
+    rows = [trainer.train_dataset[i] for i in range(40, 56) for _ in range(4)]
+    held_out = rollout(trainer, rows)
+
+    def error():
+        mask = held_out["ppo_value_mask"]
+        with torch.no_grad():
+            values = token_values(_critic().model, held_out)
+        return (((values - held_out["ppo_returns"]) ** 2 * mask).sum() / mask.sum()).item()
+
+    before = error()
+    trainer.train()
+    after = error()
+    losses = [row["ppo/value_loss"] for row in trainer.state.log_history if "ppo/value_loss" in row]
+    assert len(losses) == 30
+    assert after < 0.6 * before, (before, after)
+    assert sum(losses[-10:]) / 10 < losses[0], losses
+
+
+def test_value_pretraining_freezes_the_policy(po_trainer):
+    trainer = po_trainer(["vapo"], {"ppo_critic_warmup_steps": 2}, embedded=True, max_steps=2, learning_rate=1e-3)
+    policy = [p.detach().clone() for p in trainer.model.parameters()]
+    critic = _critic_weights()
+    trainer.train()
+    assert all(p.equal(q) for p, q in zip(policy, trainer.model.parameters())), "the policy moved during warm-up"
+    assert any(not p.equal(q) for p, q in zip(critic, _critic().parameters)), "the critic did not learn"
+
+
+def test_lora_critic(po_trainer):
+    trainer = po_trainer(["ppo"], {"ppo_critic_lora_r": 4}, max_steps=1)
+    model = _critic().model
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "score" in name for name in trainable)
+    before = _critic_weights()
+    trainer.train()
+    assert any(not p.equal(q) for p, q in zip(before, _critic().parameters))
+
+
+def test_resume_restores_the_critic_exactly(po_trainer, tmp_path):
+    flags = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-3, lr_scheduler_type="linear")
+    straight = po_trainer(["ppo"], output_dir=str(tmp_path / "straight"), **flags)
+    straight.train()
+    expected_policy = [p.detach().clone() for p in straight.model.parameters()]
+    expected_critic = _critic_weights()
+    expected_lr = _critic().scheduler.get_last_lr()
+
+    first = po_trainer(["ppo"], output_dir=str(tmp_path / "resumed"), **flags)
+    first.train()  # to step 4 as well, leaving checkpoint-2 behind; the critic ends in step 4's state
+    resumed = po_trainer(["ppo"], output_dir=str(tmp_path / "resumed"), **flags)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(expected_policy, resumed.model.parameters()))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(expected_critic, _critic().parameters))
+    assert _critic().scheduler.get_last_lr() == pytest.approx(expected_lr)

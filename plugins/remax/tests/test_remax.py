@@ -1,0 +1,54 @@
+"""ReMax: the greedy baseline, its formula, unscorable rows, and end-to-end training with real greedy decodes."""
+
+import pytest
+import torch
+from po_registry_remax import ReMax
+
+from po_registry.errors import OptionError
+from po_registry.testing import PluginConformance, default_args, partial_credit
+
+
+class TestConformance(PluginConformance):
+    method = "remax"
+    metrics = ("remax/greedy_reward", "remax/beats_greedy_fraction")
+
+
+def test_advantage_is_reward_minus_greedy_reward(po_reward_batch):
+    rewards = torch.tensor([[1.0], [0.0], [0.5], [1.0], [0.0], [0.0]])
+    _, batch = po_reward_batch(group_size=3, num_groups=2, rewards=rewards)
+    batch.greedy_rewards = lambda: torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0])
+    got = ReMax().po_compute_advantages(rewards, batch)
+    assert torch.allclose(got, torch.tensor([0.5, -0.5, 0.0, 1.0, 0.0, 0.0]))
+
+
+def test_weighted_rewards_and_unscorable_rows_get_zero(po_reward_batch):
+    rewards = torch.tensor([[1.0, 2.0], [float("nan"), float("nan")], [0.0, 1.0], [1.0, float("nan")]])
+    _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards)
+    batch.reward_weights = torch.tensor([1.0, 0.5])
+    batch.greedy_rewards = lambda: torch.tensor([1.0, 1.0, float("nan"), float("nan")])
+    got = ReMax().po_compute_advantages(rewards, batch)
+    assert torch.equal(got, torch.tensor([1.0, 0.0, 0.0, 0.0]))  # 1 + 0.5 * 2 - 1; None rewards; no baseline
+
+
+def test_refuses_vllm():
+    with pytest.raises(OptionError, match="remax.*use_vllm"):
+        default_args(["remax"], use_vllm=True).resolve()
+
+
+def test_greedy_baseline_is_the_reward_of_the_greedy_completion(po_trainer):
+    """Through the trainer: one greedy decode per prompt, scored by the reward functions, shared by the group."""
+    from po_registry.trainer import rollout
+
+    trainer = po_trainer(["remax"], embedded=True, num_generations=4, per_device_train_batch_size=8)
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    out = rollout(trainer, [rows[0]] * 4 + [rows[1]] * 4)
+    greedy = out["po_rewards"] - out["advantages"]  # A = R - R_greedy; every row is scorable here
+    model, tokenizer = trainer.model, trainer.processing_class
+    for group, row in enumerate(rows):
+        ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            generated = model.generate(ids, do_sample=False, max_new_tokens=trainer.max_completion_length,
+                                       eos_token_id=trainer.eos_token_ids, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+        expected = partial_credit([text], [row["answer"]])[0]
+        assert greedy[group * 4:(group + 1) * 4] == pytest.approx([expected] * 4, abs=1e-6)
