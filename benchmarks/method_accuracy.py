@@ -35,26 +35,18 @@ def run(method: str, seed: int, steps: int, out: Path, task: str) -> dict:
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["grpo", "ppo"],
-                        help="methods, each optionally with train flags in one quoted string")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--task", default="addition")
-    parser.add_argument("--plot", default="method_accuracy.png", help="where the accuracy curves are drawn")
-    args = parser.parse_args()
-
+def compare(methods: list[str], seeds: list[int], steps: int, task: str, plot_path: str, title: str = "") -> dict:
+    """Run every (method, seed), print the table and draw the mean accuracy curves; returns the summaries."""
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="po-bench-") as tmp:
-        for seed in args.seeds:  # seeds outermost, so that machine load drifts alike over the methods
-            for method in args.methods:
-                summary = run(method, seed, args.steps, Path(tmp), args.task)
+        for seed in seeds:  # seeds outermost, so that machine load drifts alike over the methods
+            for method in methods:
+                summary = run(method, seed, steps, Path(tmp), task)
                 results.setdefault(method, []).append(summary)
                 print(f"{method:40s} seed {seed}: {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}"
                       f" ({summary['seconds']:.0f} s)", flush=True)
 
-    print(f"\n{args.task}, {args.steps} steps, seeds {args.seeds}: held-out greedy accuracy")
+    print(f"\n{task}, {steps} steps, seeds {seeds}: held-out greedy accuracy")
     print(f"{'method':40s} {'before':>7s} {'after':>7s} {'gain':>7s} {'s/run':>6s}  per seed")
     for method, runs in results.items():
         before = statistics.mean(r["accuracy_before"] for r in runs)
@@ -70,16 +62,29 @@ def main() -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for method, runs in results.items():
-        steps = [step for step, _ in runs[0]["curve"]]
-        mean = [statistics.mean(dict(r["curve"])[step] for r in runs) for step in steps]
-        axis.plot(steps, mean, marker="o", label=method)
+        steps_seen = [step for step, _ in runs[0]["curve"]]
+        mean = [statistics.mean(dict(r["curve"])[step] for r in runs) for step in steps_seen]
+        axis.plot(steps_seen, mean, marker="o", label=method.split(" --")[0])
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("held-out greedy accuracy")
-    axis.set_title(f"{args.task}: mean over seeds {args.seeds}")
+    axis.set_title(title or f"{task}: mean over seeds {seeds}")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(args.plot, dpi=120)
-    print(f"wrote {args.plot}")
+    figure.savefig(plot_path, dpi=120)
+    print(f"wrote {plot_path}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["grpo", "ppo"],
+                        help="methods, each optionally with train flags in one quoted string")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--task", default="addition")
+    parser.add_argument("--plot", default="method_accuracy.png", help="where the accuracy curves are drawn")
+    args = parser.parse_args()
+    compare(args.methods, args.seeds, args.steps, args.task, args.plot)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from .batches import LossBatch, RewardBatch
 from .errors import (
     CompositionError,
+    CouplingWarning,
     HookError,
     OptionError,
     PluginLoadError,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Assembly",
     "CompositionError",
+    "CouplingWarning",
     "HookError",
     "LossBatch",
     "Method",

@@ -177,13 +177,26 @@ def _explain(args) -> int:
     from .errors import PORegistryError
     from .pipeline import assemble
 
+    import tempfile
+    import warnings
+
+    from .config import PolicyOptimizationConfig
+    from .errors import CouplingWarning
+
     try:
         assembly = assemble(args.methods, dict(args.option or []))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CouplingWarning)
+            PolicyOptimizationConfig(output_dir=tempfile.gettempdir(), methods=args.methods, use_cpu=True,
+                                     method_options=dict(args.option or []), report_to="none")
     except PORegistryError as exc:
         print(f"composition: INVALID: {exc}")
         return 2
     print(assembly.explain())
-    print("composition: valid")
+    couplings = [str(w.message) for w in caught if issubclass(w.category, CouplingWarning)]
+    for message in couplings:
+        print(f"coupling: {message}")
+    print("composition: valid" + (f" ({len(couplings)} coupling warning(s))" if couplings else ""))
     return 0
 
 

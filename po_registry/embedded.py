@@ -96,14 +96,16 @@ def _sft_batch(tokenizer, problems):
 
 
 def warm_start(task, seed: int = 0, target_accuracy: float = 0.3, max_steps: int = 1500, batch_size: int = 128,
-               eval_every: int = 25, progress: Callable[[int, float, float | None], None] | None = None):
+               eval_every: int = 25, progress: Callable[[int, float, float | None], None] | None = None,
+               model=None):
     """Supervised warm start on ``task``: AdamW lr 3e-3, 100 warm-up steps, fresh problems every step; stops at
     the first evaluation (every ``eval_every`` steps from step 100) whose held-out greedy accuracy reaches
-    ``target_accuracy``. Returns (model, tokenizer, accuracy, steps)."""
+    ``target_accuracy``. Continues training ``model`` when one is given. Returns (model, tokenizer, accuracy,
+    steps)."""
     import random
 
     tokenizer = char_tokenizer()
-    model = llama(tokenizer, seed=seed)
+    model = model if model is not None else llama(tokenizer, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
     rng = random.Random(seed)
@@ -129,12 +131,25 @@ def warm_start(task, seed: int = 0, target_accuracy: float = 0.3, max_steps: int
     return model, tokenizer, accuracy, step
 
 
-def embedded_model_dir(task, seed: int = 0, progress=None) -> Path:
-    """The cached warm start for ``task`` (built on first use): a directory ``from_pretrained`` loads."""
-    target = cache_dir() / f"embedded-{task.name}-seed{seed}-v{RECIPE_VERSION}"
+WARM_START_ACCURACY = 0.3
+
+
+def embedded_model_dir(task, seed: int = 0, progress=None, target_accuracy: float = WARM_START_ACCURACY) -> Path:
+    """The cached warm start for ``task`` (built on first use): a directory ``from_pretrained`` loads.
+
+    A higher ``target_accuracy`` gives a stronger checkpoint (a teacher for distillation): the default warm start
+    trained further until held-out greedy accuracy reaches it."""
+    suffix = "" if target_accuracy == WARM_START_ACCURACY else f"-acc{round(100 * target_accuracy)}"
+    target = cache_dir() / f"embedded-{task.name}-seed{seed}-v{RECIPE_VERSION}{suffix}"
     if (target / "warm_start.json").exists():
         return target
-    model, tokenizer, accuracy, steps = warm_start(task, seed=seed, progress=progress)
+    start = None
+    if target_accuracy > WARM_START_ACCURACY:
+        from transformers import AutoModelForCausalLM
+
+        start = AutoModelForCausalLM.from_pretrained(embedded_model_dir(task, seed, progress)).train()
+    model, tokenizer, accuracy, steps = warm_start(task, seed=seed, target_accuracy=target_accuracy,
+                                                   progress=progress, model=start)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     model.save_pretrained(staging)

@@ -34,6 +34,11 @@ class HookError(PORegistryError, RuntimeError):
         super().__init__(f"plugin {plugin!r}, hook {hook}{where}: {problem}")
 
 
+class CouplingWarning(UserWarning):
+    """A valid composition with a known coupling between its parts (for example a dense per-token signal under
+    group std normalisation); plugins raise it from ``po_check_config``."""
+
+
 def closest(name: str, candidates) -> str:
     """' Did you mean X?' for the closest candidate, or ''."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

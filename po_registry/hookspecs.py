@@ -173,6 +173,11 @@ def po_compute_advantages(rewards, batch):
     with ``reward_weights`` (K,), ``group_size``, ``completion_mask`` (N, T) and ``token_rewards`` (N, T) or None.
     Return per-sequence advantages (N,) or per-token advantages (N, T). Rows whose rewards are all NaN must get
     a finite advantage (usually 0). The trainer slices this process's rows.
+
+    ``batch.gather`` turns a (B, T) tensor computed on ``batch.local`` into (N, T) (a critic's values);
+    ``batch.greedy_rewards()`` decodes and scores one greedy completion per prompt (a ReMax baseline);
+    ``batch.carry(key, values)`` attaches (N,) or (N, T) per-row values that the loss stages read as
+    ``LossBatch.inputs[key]`` (value targets).
     """
 
 
@@ -275,4 +280,7 @@ def po_loss_penalty(batch):
 
     Return a 0-d tensor for one micro-batch *before* gradient-accumulation scaling (the trainer divides by
     ``batch.accumulation_steps``), or None. Include the coefficient and sign (a bonus is negative).
+    ``batch.rewards`` (B,) is each row's weighted reward; ``batch.inputs`` holds what the reward side carried.
+    An auxiliary model's loss (a critic's value loss) may be returned here: its gradient reaches that model's
+    parameters, which the plugin steps with its own optimizer.
     """

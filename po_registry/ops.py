@@ -21,10 +21,12 @@ __all__ = [
     "group_mean",
     "group_std",
     "kl_estimate",
+    "last_token_index",
     "masked_mean",
     "masked_sum",
     "masked_whiten",
     "nanstd",
+    "outcome_token_rewards",
     "returns_to_go",
     "sequence_log_ratio",
 ]
@@ -88,6 +90,20 @@ def kl_estimate(
     if estimator == "k3":
         return torch.exp(log_rho) - log_rho - 1
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) index of each row's last masked-in token (0 for an empty row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.bool()).amax(dim=1)
+
+
+def outcome_token_rewards(outcome: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, T) per-token rewards: ``dense`` (or zeros) plus the outcome reward (N,) on each row's last token, masked."""
+    rewards = torch.zeros_like(mask) if dense is None else dense.clone()
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last_token_index(mask)] += outcome
+    return rewards * mask
 
 
 def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:

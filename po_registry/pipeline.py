@@ -45,6 +45,10 @@ class Assembly:
             owners = self.owners.get(hook, [])
             kind = "single owner" if stage.single_owner else f"composable ({stage.combine})"
             lines.append(f"  [{stage.side}] {hook} ({kind}): {', '.join(owners) or '-'}")
+            for owner in owners:
+                role = getattr(self.components[owner], "po_explain", {}).get(hook)
+                if role:
+                    lines.append(f"      {owner}: {role}")
         if self.options:
             lines.append("options:")
             for name, value in sorted(self.options.items()):
@@ -226,6 +230,11 @@ class Pipeline:
         n = batch.num_rows
         shapes = [(n,)] + ([tuple(batch.completion_mask.shape)] if batch.completion_mask is not None else [])
         _check(result, plugin, "po_compute_advantages", batch.step, like=rewards, shapes=shapes)
+        if batch.token_rewards is not None and result.dim() == 1:
+            dense = ", ".join(self.assembly.owners["po_token_rewards"])
+            raise HookError(plugin, "po_compute_advantages", batch.step,
+                            f"returned one advantage per sequence and so drops the dense token rewards of {dense}; "
+                            "compose the dense reward with an advantage estimator that uses batch.token_rewards")
         return result
 
     def select_groups(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor | None:

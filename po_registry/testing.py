@@ -182,9 +182,10 @@ def po_loss_batch():
 def po_trainer(tmp_path, po_tokenizer):
     """Factory of a PolicyOptimizationTrainer on addition prompts, with a tiny random model or, with
     ``embedded=True``, the embedded warm-started model (built on first use, then cached):
-    ``po_trainer(methods=["grpo"], method_options={}, max_steps=2, embedded=False, **config_fields)``."""
+    ``po_trainer(methods=["grpo"], method_options={}, max_steps=2, embedded=False, peft_config=None,
+    **config_fields)``."""
 
-    def build(methods=("grpo",), method_options=None, reward_funcs=None, embedded=False, **fields):
+    def build(methods=("grpo",), method_options=None, reward_funcs=None, embedded=False, peft_config=None, **fields):
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -211,7 +212,7 @@ def po_trainer(tmp_path, po_tokenizer):
         return PolicyOptimizationTrainer(
             model=str(model_dir), processing_class=tokenizer,
             reward_funcs=reward_funcs or [partial_credit], args=PolicyOptimizationConfig(**config),
-            train_dataset=get_task("addition").dataset(64),
+            train_dataset=get_task("addition").dataset(64), peft_config=peft_config,
         )
 
     return build

@@ -189,3 +189,26 @@ def test_clip_regions_are_where_the_clip_binds():
     low, high = clip_regions(ratio, advantages, 0.2, 0.2)
     assert low.tolist() == [True, False, False, False, False]  # at the boundary the clip does not bind yet
     assert high.tolist() == [False, False, True, False, False]
+
+
+def test_outcome_reward_sits_on_each_rows_last_token():
+    from po_registry.ops import last_token_index, outcome_token_rewards
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    assert last_token_index(mask).tolist() == [1, 2, 0]
+    dense = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.0, 0.5], [1.0, 1.0, 1.0]])
+    got = outcome_token_rewards(torch.tensor([1.0, -1.0, 2.0]), mask, dense)
+    assert torch.allclose(got, torch.tensor([[0.1, 1.2, 0.0], [0.0, 0.0, -0.5], [0.0, 0.0, 0.0]]))
+    assert torch.equal(dense[0], torch.tensor([0.1, 0.2, 0.3]))  # the input is not modified
+
+
+def test_masked_whiten_and_clipped_value_loss():
+    from po_registry.ops import clipped_value_loss, masked_whiten
+
+    x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    got = masked_whiten(x, mask)
+    expected = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / torch.tensor([1.0, 2.0, 3.0, 4.0]).std(unbiased=False)
+    assert torch.allclose(got[mask.bool()], expected, atol=1e-6) and (got[~mask.bool()] == 0).all()
+    loss = clipped_value_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([3.0]), clip=0.5)
+    assert loss.item() == pytest.approx(0.5 * (0.5 - 3.0) ** 2)  # the clipped prediction is further from G

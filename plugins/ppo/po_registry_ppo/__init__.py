@@ -19,24 +19,10 @@ import torch
 from transformers import TrainerCallback
 
 from po_registry import hookimpl
-from po_registry.ops import clipped_value_loss, gae, masked_mean, masked_whiten
+from po_registry.ops import clipped_value_loss, gae, masked_mean, masked_whiten, outcome_token_rewards
 
 PPO_PAPER = "arXiv 1707.06347"
 VAPO_PAPER = "arXiv 2504.05118"
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(N,) index of each row's last loss token (0 for an empty row)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return (positions * mask.bool()).amax(dim=1)
-
-
-def outcome_token_rewards(total: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
-    """(N, T) per-token rewards: the dense rewards (if any) plus the outcome reward R on each row's last token."""
-    rewards = torch.zeros_like(mask) if dense is None else dense.clone()
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last_token_index(mask)] += total
-    return rewards * mask
 
 
 def length_adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:

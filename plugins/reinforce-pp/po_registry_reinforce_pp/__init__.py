@@ -8,15 +8,9 @@ batch, A <- (A - mean) / std. REINFORCE++-baseline first subtracts the group mea
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import group_mean, masked_mean, masked_whiten, returns_to_go
+from po_registry.ops import group_mean, masked_mean, masked_whiten, outcome_token_rewards, returns_to_go
 
 PAPER = "arXiv 2501.03262"
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(N,) index of each row's last loss token (0 for an empty row)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return (positions * mask.bool()).amax(dim=1)
 
 
 class ReinforcePP:
@@ -51,10 +45,8 @@ class ReinforcePP:
         if self.baseline:
             total = total - group_mean(total, batch.group_size)
         mask = batch.completion_mask * scorable.unsqueeze(1)
-        per_token = torch.zeros_like(mask) if batch.token_rewards is None else batch.token_rewards.clone()
-        rows = torch.arange(mask.shape[0], device=mask.device)
-        per_token[rows, last_token_index(mask)] += total.nan_to_num(0.0)
-        advantages = returns_to_go(per_token * mask, batch.options[f"{self.name.replace('-', '_')}_gamma"]) * mask
+        per_token = outcome_token_rewards(total.nan_to_num(0.0), mask, batch.token_rewards)
+        advantages = returns_to_go(per_token, batch.options[f"{self.name.replace('-', '_')}_gamma"]) * mask
         return masked_whiten(advantages, mask)
 
 

@@ -1,0 +1,364 @@
+"""On-policy distillation (OPD; Thinking Machines, 2025) and the four ways a teacher can enter GRPO (the survey's
+GRPO-OPD operators T_A-T_D).
+
+The student samples; a frozen teacher scores the sampled tokens. The dense signal is the negated reverse-KL sample
+r_t = log pi_T(y_t | prefix) - log pi_old(y_t | prefix) (optionally clipped to [-c, c] against length hacking).
+
+- ``opd`` (pure OPD, divergence minimisation, outside J(theta): the reward functions are not used): A_t = r_t
+  (or its discounted return-to-go); with ``opd_divergence: full`` the loss is instead the exact per-token reverse
+  KL(pi_theta || pi_T) over the vocabulary, computed in chunks of rows.
+- ``opd-ratio`` (T_A, importance weight): the per-token loss is weighted by w_t = min(exp(lambda r_t), cap).
+- ``opd-advantage`` (T_B, advantage): A_{i,t} = A_i + lambda r_t, after the group normalisation of A_i.
+- ``opd-reward`` (T_C, reward side): the length-normalised teacher log-ratio (1/|o_i|) sum_t r_{i,t} joins the
+  rewards as one more reward column of weight lambda, inside the group normalisation.
+- ``opd-kl`` (T_D, external regulariser): + lambda KL(pi_theta || pi_T) per token (k1/k2/k3 on the sampled tokens,
+  or the full-vocabulary divergence).
+
+lambda may follow a schedule (constant, linear or cosine from ``opd_lambda`` to ``opd_lambda_end``). The teacher is
+any local causal LM with the student's vocabulary, loaded once, frozen, in evaluation mode, on the student's device
+and dtype; or, with no path and a LoRA student, the student's base model with the adapter switched off. It runs
+without gradient, a chunk of rows at a time, and keeps only sampled-token log-probs unless the full divergence is
+asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from po_registry import CouplingWarning, hookimpl
+from po_registry.ops import kl_estimate, masked_mean, returns_to_go
+
+PAPER = "thinkingmachines.ai/blog/on-policy-distillation (OPD); survey section 8 (GRPO-OPD operators)"
+
+
+class TeacherState:
+    """The loaded teacher, shared by the operator components of one trainer."""
+
+    def __init__(self):
+        self.model = None  # a frozen causal LM, or None when the teacher is the student's base model
+        self.base_of = None  # a PEFT student whose base model (adapter off) is the teacher
+        self.student = None  # the unwrapped student, for the full-vocabulary divergence
+        self.trainer = None
+        self._cache_key, self._cache = None, None
+
+    def use(self, model=None, base_of=None, student=None, trainer=None) -> None:
+        self.model, self.base_of, self.student, self.trainer = model, base_of, student, trainer
+        self._cache_key, self._cache = None, None
+
+    def completion_logits(self, rows, start: int, stop: int, temperature: float) -> torch.Tensor:
+        """(b, T, V) teacher logits at the completion positions of rows ``start:stop``, without gradient."""
+        if self.model is None and self.base_of is None:
+            raise RuntimeError("no teacher is loaded: the opd components need po_setup (a PolicyOptimizationTrainer)")
+        model = self.model if self.model is not None else self.base_of
+        adapter_off = self.base_of.disable_adapter() if self.model is None else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
+            return completion_logits(model, rows, start, stop, temperature)
+
+    def token_logps(self, rows, temperature: float, chunk: int) -> torch.Tensor:
+        """(B, T) teacher log-probs of the sampled completion tokens, a chunk of rows at a time (cached per rows)."""
+        ids = rows["completion_ids"]
+        key = (id(rows), ids.data_ptr(), tuple(ids.shape))
+        if key != self._cache_key:
+            parts = []
+            for start in range(0, ids.shape[0], chunk):
+                logits = self.completion_logits(rows, start, start + chunk, temperature)
+                parts.append(torch.log_softmax(logits.float(), dim=-1).gather(
+                    -1, ids[start : start + chunk].unsqueeze(-1)).squeeze(-1))
+            self._cache_key, self._cache = key, torch.cat(parts)
+        return self._cache
+
+
+TEACHER = TeacherState()
+
+
+def completion_logits(model, rows, start: int, stop: int, temperature: float) -> torch.Tensor:
+    """(b, T, V) logits predicting each completion token of rows ``start:stop``, divided by the temperature."""
+    width = rows["completion_ids"].shape[1]
+    ids = torch.cat([rows["prompt_ids"][start:stop], rows["completion_ids"][start:stop]], dim=1)
+    attention = torch.cat([rows["prompt_mask"][start:stop], rows["completion_mask"][start:stop]], dim=1)
+    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1).logits[:, :-1]
+    return logits[:, -width:] / temperature
+
+
+def teacher_signal(rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options, args) -> torch.Tensor:
+    """r_t = log pi_T(y_t) - log pi_old(y_t) on the loss tokens (0 elsewhere), clipped to [-c, c] when c > 0."""
+    chunk = options["opd_teacher_chunk"] or args.per_device_train_batch_size
+    teacher = TEACHER.token_logps(rows, args.temperature, chunk)
+    signal = (teacher - behaviour_logps) * mask
+    clip = options["opd_clip"]
+    return signal.clamp(-clip, clip) if clip > 0 else signal
+
+
+def rollout_signal(batch) -> torch.Tensor:
+    """(B, T) teacher signal on this process's rows of a generation batch, against the sampling policy."""
+    mask = batch.local["completion_mask"].float()
+    signal = teacher_signal(batch.local, batch.policy_logps(), mask, batch.options, batch.args)
+    batch.log_metric("opd/reverse_kl", -masked_mean(signal, mask).item())
+    return signal
+
+
+def scheduled_lambda(options, step: int, max_steps: int) -> float:
+    """lambda at ``step``: constant, or linear / cosine from ``opd_lambda`` to ``opd_lambda_end`` over training."""
+    start, end, kind = options["opd_lambda"], options["opd_lambda_end"], options["opd_lambda_schedule"]
+    if kind == "constant" or max_steps <= 0:
+        return start
+    progress = min(step / max_steps, 1.0)
+    if kind == "linear":
+        return start + (end - start) * progress
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def current_lambda(batch) -> float:
+    trainer = TEACHER.trainer
+    max_steps = trainer.state.max_steps if trainer is not None and trainer.state.max_steps > 0 else batch.args.max_steps
+    value = scheduled_lambda(batch.options, batch.step, max_steps)
+    batch.log_metric("opd/lambda", value)
+    return value
+
+
+def full_reverse_kl(student, rows, mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """Mean over loss tokens of KL(pi_theta || pi_T) = sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v)).
+
+    Each chunk of rows is checkpointed: its vocabulary-sized logits live only while that chunk is computed."""
+
+    def chunk_sum(start: int, stop: int, chunk_mask: torch.Tensor) -> torch.Tensor:
+        student_logps = torch.log_softmax(completion_logits(student, rows, start, stop, temperature).float(), -1)
+        teacher_logps = torch.log_softmax(TEACHER.completion_logits(rows, start, stop, temperature).float(), -1)
+        per_token = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+        return (per_token * chunk_mask).sum()
+
+    total = mask.new_zeros(())
+    for start in range(0, mask.shape[0], chunk):
+        chunk_mask = mask[start : start + chunk]
+        if chunk_mask.any():
+            total = total + checkpoint(chunk_sum, start, start + chunk, chunk_mask, use_reentrant=False)
+    return total / mask.sum().clamp(min=1.0)
+
+
+def _warn_if_sequence_ratio(name: str, args, assembly) -> None:
+    if assembly.importance_level(args) == "sequence":
+        warnings.warn(f"{name}: a dense per-token teacher signal under a sequence-level importance ratio is "
+                      "mismatched (one ratio for tokens with different advantages); use gspo-token or a token-level "
+                      "ratio", CouplingWarning, stacklevel=2)
+
+
+class Teacher:
+    """Component ``teacher``: loads the teacher and declares the options every operator shares."""
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register("opd_teacher", "", type=str,
+                 help="teacher checkpoint (a local causal LM with the student's vocabulary); empty: the base model "
+                      "of a LoRA student")
+        register("opd_teacher_chunk", 0, type=int, check=lambda v: v >= 0,
+                 help="rows per teacher forward pass; 0: per_device_train_batch_size")
+        register("opd_lambda", 1.0, type=float, check=lambda v: v >= 0.0, help="weight lambda of the teacher signal")
+        register("opd_lambda_schedule", "constant", choices=("constant", "linear", "cosine"),
+                 help="how lambda moves from opd_lambda to opd_lambda_end over training")
+        register("opd_lambda_end", 0.0, type=float, check=lambda v: v >= 0.0, help="lambda at the end of training")
+        register("opd_clip", 0.0, type=float, check=lambda v: v >= 0.0,
+                 help="clip the per-token teacher log-ratio to [-c, c]; 0: no clip")
+        register("opd_divergence", "sampled", choices=("sampled", "full"),
+                 help="opd and opd-kl: the sampled tokens' log-ratio, or the full-vocabulary reverse KL")
+        register("opd_kl_estimator", "k3", choices=("k1", "k2", "k3"), help="opd-kl: estimator on sampled tokens")
+
+    @hookimpl
+    def po_setup(self, trainer, options):
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        path = options["opd_teacher"]
+        if not path:
+            if not hasattr(student, "disable_adapter"):
+                raise ValueError("opd_teacher is empty and the student is not a LoRA adapter: give the teacher's "
+                                 "checkpoint in opd_teacher")
+            TEACHER.use(base_of=student, student=student, trainer=trainer)
+            return
+        TEACHER.use(model=load_teacher(path, student, trainer.processing_class), student=student, trainer=trainer)
+
+
+def load_teacher(path: str, student, processing_class):
+    """The teacher from ``path``: frozen, in evaluation mode, on the student's device and dtype; refused when its
+    vocabulary is not the student's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parameter = next(student.parameters())
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=parameter.dtype).to(parameter.device).eval()
+    teacher.requires_grad_(False)
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if student_vocab != teacher_vocab:
+        raise ValueError(f"the teacher {path!r} has a vocabulary of {teacher_vocab} tokens and the student "
+                         f"{student_vocab}: OPD needs a teacher that shares the student's tokenizer")
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        teacher_tokenizer = None  # no tokenizer files beside the weights: the vocabulary size was checked
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the teacher {path!r} has a different tokenizer from the student's (the token ids "
+                         "differ): OPD needs a teacher that shares the student's tokenizer")
+    return teacher
+
+
+class PureOPD:
+    """Component ``opd``: pure on-policy distillation, the teacher's log-ratio as the only reward."""
+
+    po_explain = {
+        "po_token_rewards": "teacher log-ratio r_t = log pi_T - log pi_old as a dense reward (sampled divergence)",
+        "po_compute_advantages": "A_t = r_t (return-to-go with opd_gamma); the reward functions are not used",
+        "po_loss_penalty": "full-vocabulary reverse KL(pi_theta || pi_T) when opd_divergence = full",
+    }
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register("opd", components=["teacher", "opd"], side="reward", paper=PAPER,
+                 summary="pure on-policy distillation: the teacher's per-token log-ratio is the reward",
+                 targets="SFT's compounding errors and RL's sparse reward (a boundary case: it leaves J(theta))")
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register("opd_gamma", 0.0, type=float, check=lambda v: 0.0 <= v <= 1.0,
+                 help="discount of the teacher reward's return-to-go; 0: each token its own log-ratio")
+
+    @hookimpl
+    def po_check_config(self, args, assembly):
+        _warn_if_sequence_ratio("opd", args, assembly)
+
+    @hookimpl
+    def po_token_rewards(self, batch):
+        if batch.options["opd_divergence"] == "full":
+            return None
+        return rollout_signal(batch)
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        if batch.options["opd_divergence"] == "full":
+            return torch.zeros(batch.num_rows, device=rewards.device)
+        gamma = batch.options["opd_gamma"]
+        dense = batch.token_rewards * batch.completion_mask
+        return (returns_to_go(dense, gamma) if gamma > 0 else dense) * batch.completion_mask
+
+    @hookimpl
+    def po_loss_penalty(self, batch):
+        if batch.options["opd_divergence"] != "full":
+            return None
+        return _full_kl(batch, coefficient=1.0)
+
+
+def _full_kl(batch, coefficient: float) -> torch.Tensor:
+    chunk = batch.options["opd_teacher_chunk"] or batch.args.per_device_train_batch_size
+    kl = full_reverse_kl(TEACHER.student, batch.inputs, batch.mask, batch.args.temperature, chunk)
+    batch.log_metric("opd/full_reverse_kl", kl.item())
+    return coefficient * kl.to(batch.logps.dtype)
+
+
+def _micro_batch_signal(batch) -> torch.Tensor:
+    return teacher_signal(batch.inputs, batch.old_logps, batch.mask, batch.options, batch.args)
+
+
+class TeacherRatio:
+    """Component ``opd-ratio`` (T_A): the teacher enters the importance weight."""
+
+    po_explain = {"po_rollout_correction": "T_A: per-token weight w_t = min(exp(lambda r_t), opd_ratio_cap), "
+                                           "r_t = log pi_T - log pi_old"}
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register("opd-ratio", components=["teacher", "opd-ratio"], side="trajectory", paper=PAPER,
+                 summary="GRPO-OPD T_A: weight each token's loss by the capped teacher/student probability ratio",
+                 targets="sparse verifier reward; tokens the teacher prefers get more weight")
+
+    @hookimpl
+    def po_declare_options(self, register):
+        register("opd_ratio_cap", 2.0, type=float, check=lambda v: v > 0.0, help="upper bound of the weight, > 0")
+
+    @hookimpl
+    def po_rollout_correction(self, batch):
+        signal = _micro_batch_signal(batch)
+        weight = torch.exp(current_lambda(batch) * signal).clamp(max=batch.options["opd_ratio_cap"])
+        batch.log_metric("opd/ratio_weight_mean", batch.global_masked_mean(weight))
+        return weight.detach()
+
+
+class TeacherAdvantage:
+    """Component ``opd-advantage`` (T_B): the teacher's log-ratio is added to the advantage per token."""
+
+    po_explain = {"po_token_rewards": "T_B: lambda r_t added to every token's advantage after group normalisation"}
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register("opd-advantage", components=["teacher", "opd-advantage"], side="reward", paper=PAPER,
+                 summary="GRPO-OPD T_B: A_{i,t} = A_i + lambda (log pi_T - log pi_old) per token",
+                 targets="sparse verifier reward: dense per-token credit from a teacher")
+
+    @hookimpl
+    def po_check_config(self, args, assembly):
+        _warn_if_sequence_ratio("opd-advantage", args, assembly)
+
+    @hookimpl
+    def po_token_rewards(self, batch):
+        return current_lambda(batch) * rollout_signal(batch)
+
+
+class TeacherReward:
+    """Component ``opd-reward`` (T_C): the teacher's log-ratio as one more reward, inside the normalisation."""
+
+    po_explain = {"po_compute_advantages": "T_C: (1/|o|) sum_t r_t joins the rewards as a column of weight lambda, "
+                                           "then the baseline's group advantage"}
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register("opd-reward", components=["teacher", "opd-reward"], side="reward", paper=PAPER,
+                 summary="GRPO-OPD T_C: the length-normalised teacher log-ratio is an extra reward of weight lambda",
+                 targets="sparse verifier reward: in-expectation distillation on the reward side")
+
+    @hookimpl
+    def po_check_config(self, args):
+        if args.scale_rewards == "group":
+            warnings.warn("opd-reward: the teacher term is z-scored per group together with the verifier reward "
+                          "(scale_rewards='group'), so its scale mixes with the sparse reward's; lambda and its "
+                          "schedule are the knobs (or scale_rewards='batch' / 'none')", CouplingWarning, stacklevel=2)
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        from po_registry.builtin.grpo import GroupAdvantage
+
+        signal = batch.gather(rollout_signal(batch))[:, : batch.completion_mask.shape[1]]
+        sequence = masked_mean(signal, batch.completion_mask, dim=1)
+        weights = torch.cat([batch.reward_weights, batch.reward_weights.new_tensor([current_lambda(batch)])])
+        with_teacher = dataclasses.replace(batch, reward_names=[*batch.reward_names, "teacher"], reward_weights=weights)
+        return GroupAdvantage().po_compute_advantages(torch.cat([rewards, sequence.unsqueeze(1)], dim=1), with_teacher)
+
+
+class TeacherKL:
+    """Component ``opd-kl`` (T_D): an external KL(pi_theta || pi_T) regulariser."""
+
+    po_explain = {"po_token_penalty": "T_D: + lambda KL(pi_theta || pi_T) per sampled token (opd_kl_estimator)",
+                  "po_loss_penalty": "T_D: + lambda full-vocabulary KL(pi_theta || pi_T) when opd_divergence = full"}
+
+    @hookimpl
+    def po_register_methods(self, register):
+        register("opd-kl", components=["teacher", "opd-kl"], side="trajectory", paper=PAPER,
+                 summary="GRPO-OPD T_D: GRPO plus lambda KL(student || teacher) as a regulariser",
+                 targets="sparse verifier reward: keep the student near a teacher while it optimises the reward")
+
+    @hookimpl
+    def po_token_penalty(self, batch):
+        if batch.options["opd_divergence"] == "full":
+            return None
+        chunk = batch.options["opd_teacher_chunk"] or batch.args.per_device_train_batch_size
+        teacher = TEACHER.token_logps(batch.inputs, batch.args.temperature, chunk)
+        kl = kl_estimate(batch.logps, teacher, batch.options["opd_kl_estimator"])
+        batch.log_metric("opd/teacher_kl", batch.global_masked_mean(kl.detach()))
+        return current_lambda(batch) * kl
+
+    @hookimpl
+    def po_loss_penalty(self, batch):
+        if batch.options["opd_divergence"] != "full":
+            return None
+        return _full_kl(batch, coefficient=current_lambda(batch))

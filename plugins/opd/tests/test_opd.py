@@ -1,0 +1,302 @@
+"""On-policy distillation and the GRPO-OPD operators: each against its formula on small tensors, the full-vocabulary
+reverse KL against TRL's DistillationTrainer, the teacher's loading rules, and training end to end."""
+
+import tempfile
+import warnings
+
+import pytest
+import torch
+from po_registry_opd import TEACHER, full_reverse_kl, load_teacher, scheduled_lambda, teacher_signal
+
+from po_registry.builtin.grpo import GroupAdvantage
+from po_registry.errors import CouplingWarning
+from po_registry.ops import kl_estimate
+from po_registry.registry import get_registry
+from po_registry.testing import PluginConformance, char_tokenizer, default_args, partial_credit, tiny_causal_lm
+
+TEACHER_DIR = tempfile.mkdtemp(prefix="po-opd-teacher-")
+tiny_causal_lm(char_tokenizer(), seed=1).save_pretrained(TEACHER_DIR)  # a different model with the same vocabulary
+OPTIONS = {"opd_teacher": TEACHER_DIR, "opd_lambda": 0.5}
+
+
+def _teacher_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TEACHER_DIR).eval()
+
+
+@pytest.fixture(autouse=True)
+def tiny_teacher():
+    """Synthetic batches have no trainer: load the teacher directly (trainer tests load theirs in po_setup)."""
+    TEACHER.use(model=_teacher_model())
+
+
+def _component(name):
+    return get_registry().plugin(name, needed_by="the tests")
+
+
+def _options(**overrides):
+    registry = get_registry()
+    defaults = {name: opt.default for name, opt in registry.options.items() if opt.plugin in
+                ("teacher", "opd", "opd-ratio")}
+    return {**defaults, **OPTIONS, **overrides}
+
+
+def _teacher_logps(rows):
+    """Reference: the teacher's log-softmax at each completion position, gathered at the sampled token."""
+    ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
+    attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = TEACHER.model(input_ids=ids, attention_mask=attention).logits
+    width, prompt = rows["completion_ids"].shape[1], rows["prompt_ids"].shape[1]
+    logps = torch.log_softmax(logits[:, prompt - 1 : prompt - 1 + width], dim=-1)
+    return logps.gather(-1, rows["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+class TestOPDConformance(PluginConformance):
+    method = "opd"
+    options = OPTIONS
+    metrics = ("opd/reverse_kl",)
+
+
+class TestRatioConformance(PluginConformance):
+    method = "opd-ratio"
+    options = OPTIONS
+    metrics = ("opd/ratio_weight_mean", "opd/lambda")
+
+
+class TestAdvantageConformance(PluginConformance):
+    method = "opd-advantage"
+    options = OPTIONS
+    metrics = ("opd/reverse_kl",)
+
+
+class TestRewardConformance(PluginConformance):
+    method = "opd-reward"
+    options = OPTIONS
+    metrics = ("opd/reverse_kl",)
+
+
+class TestKLConformance(PluginConformance):
+    method = "opd-kl"
+    options = OPTIONS
+    metrics = ("opd/teacher_kl",)
+
+
+def test_teacher_signal_is_the_sampled_token_log_ratio(po_reward_batch):
+    _, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options=_options(), args=default_args())
+    mask = batch.local["completion_mask"].float()
+    got = teacher_signal(batch.local, batch.policy_logps(), mask, _options(), batch.args)
+    expected = (_teacher_logps(batch.local) - batch.policy_logps()) * mask
+    assert torch.allclose(got, expected, atol=1e-5)
+    clipped = teacher_signal(batch.local, batch.policy_logps(), mask, _options(opd_clip=0.5), batch.args)
+    assert torch.allclose(clipped, expected.clamp(-0.5, 0.5), atol=1e-5)
+
+
+def test_teacher_runs_in_chunks_of_rows_with_the_same_result(po_reward_batch):
+    _, batch = po_reward_batch(group_size=4, num_groups=3, width=5, args=default_args())
+    whole = TEACHER.token_logps(batch.local, 1.0, chunk=12)
+    TEACHER.use(model=TEACHER.model)  # drop the cache
+    assert torch.allclose(TEACHER.token_logps(batch.local, 1.0, chunk=5), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_pure_opd_advantage_is_the_dense_teacher_reward(po_reward_batch, gamma):
+    rewards, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options=_options(opd_gamma=gamma),
+                                     args=default_args())
+    opd = _component("opd")
+    batch.token_rewards = opd.po_token_rewards(batch)
+    got = opd.po_compute_advantages(rewards, batch)
+    signal = (_teacher_logps(batch.local) - batch.policy_logps()) * batch.completion_mask
+    expected = signal.clone()
+    if gamma:
+        for t in range(signal.shape[1] - 2, -1, -1):
+            expected[:, t] = signal[:, t] + gamma * expected[:, t + 1]
+    assert torch.allclose(got, expected * batch.completion_mask, atol=1e-5)
+
+
+def test_ratio_operator_weights_tokens_by_the_capped_teacher_ratio(po_loss_batch):
+    batch = po_loss_batch(options=_options(opd_ratio_cap=1.5), args=default_args())
+    got = _component("opd-ratio").po_rollout_correction(batch)
+    signal = (_teacher_logps(batch.inputs) - batch.old_logps) * batch.mask
+    assert torch.allclose(got, torch.exp(0.5 * signal).clamp(max=1.5), atol=1e-5)
+    assert not got.requires_grad
+
+
+def test_advantage_operator_adds_lambda_times_the_signal_after_normalisation(po_reward_batch):
+    rewards, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options=_options(), args=default_args())
+    batch.token_rewards = _component("opd-advantage").po_token_rewards(batch)
+    got = GroupAdvantage().po_compute_advantages(rewards, batch)
+    total = rewards.squeeze(1)
+    grouped = total.view(-1, 2)
+    sequence = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    signal = (_teacher_logps(batch.local) - batch.policy_logps()) * batch.completion_mask
+    assert torch.allclose(got, (sequence.unsqueeze(1) + 0.5 * signal) * batch.completion_mask, atol=1e-5)
+
+
+def test_reward_operator_adds_the_length_normalised_signal_inside_the_group_normalisation(po_reward_batch):
+    rewards, batch = po_reward_batch(group_size=3, num_groups=2, width=4, options=_options(), args=default_args())
+    got = _component("opd-reward").po_compute_advantages(rewards, batch)
+    mask = batch.completion_mask
+    signal = (_teacher_logps(batch.local) - batch.policy_logps()) * mask
+    shaped = rewards.squeeze(1) + 0.5 * signal.sum(1) / mask.sum(1)
+    grouped = shaped.view(-1, 3)
+    expected = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_operator_penalises_the_sampled_kl_to_the_teacher(po_loss_batch, estimator):
+    batch = po_loss_batch(options=_options(opd_kl_estimator=estimator), args=default_args())
+    got = _component("opd-kl").po_token_penalty(batch)
+    expected = 0.5 * kl_estimate(batch.logps, _teacher_logps(batch.inputs), estimator)
+    assert torch.allclose(got, expected, atol=1e-5)
+    got.sum().backward()
+    assert batch.logps.grad is not None
+
+
+def test_full_reverse_kl_in_chunks_equals_the_direct_sum(po_tiny_model_dir, po_loss_batch):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir)
+    batch = po_loss_batch(rows=5, width=4, args=default_args())
+    rows, mask = batch.inputs, batch.mask
+    chunked = full_reverse_kl(student, rows, mask, temperature=1.0, chunk=2)
+    chunked.backward()
+    chunked_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
+    attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
+    prompt = rows["prompt_ids"].shape[1]
+    student_logps = torch.log_softmax(student(input_ids=ids, attention_mask=attention).logits[:, prompt - 1:-1], -1)
+    with torch.no_grad():
+        teacher_logps = torch.log_softmax(TEACHER.model(input_ids=ids, attention_mask=attention).logits[:, prompt - 1:-1], -1)
+    per_token = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+    direct = (per_token * mask).sum() / mask.sum()
+    direct.backward()
+    assert chunked.item() == pytest.approx(direct.item(), abs=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(chunked_grads, student.parameters()))
+
+
+def test_lambda_schedules():
+    options = {"opd_lambda": 1.0, "opd_lambda_end": 0.2, "opd_lambda_schedule": "linear"}
+    assert [scheduled_lambda(options, s, 10) for s in (0, 5, 10, 20)] == pytest.approx([1.0, 0.6, 0.2, 0.2])
+    options["opd_lambda_schedule"] = "cosine"
+    assert [scheduled_lambda(options, s, 10) for s in (0, 5, 10)] == pytest.approx([1.0, 0.6, 0.2])
+    options["opd_lambda_schedule"] = "constant"
+    assert scheduled_lambda(options, 7, 10) == 1.0
+
+
+def test_teacher_with_another_vocabulary_is_refused(po_tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="vocabulary of 80 tokens and the student 54"):
+        load_teacher(str(tmp_path / "other"), student, char_tokenizer())
+
+
+def test_teacher_with_another_tokenizer_is_refused(po_tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir)
+    tiny_causal_lm(char_tokenizer(), seed=2).save_pretrained(tmp_path / "teacher")
+    tokenizer = char_tokenizer()
+    vocab = tokenizer.get_vocab()
+    swapped = {**vocab, "a": vocab["b"], "b": vocab["a"]}  # same size, different ids
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(swapped, unk_token="<unk>")
+                                                               if "<unk>" in swapped else models.WordLevel(swapped)))
+    other.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="different tokenizer"):
+        load_teacher(str(tmp_path / "teacher"), student, tokenizer)
+
+
+def test_teacher_is_frozen_on_the_students_device_and_dtype(po_tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir, dtype=torch.float64)
+    teacher = load_teacher(TEACHER_DIR, student, char_tokenizer())
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert next(teacher.parameters()).dtype == torch.float64
+
+
+def test_no_teacher_path_needs_a_lora_student(po_trainer):
+    with pytest.raises(Exception, match="opd_teacher is empty and the student is not a LoRA adapter"):
+        po_trainer(["opd"])
+
+
+def test_lora_student_distils_from_its_own_base_model(po_trainer):
+    """No teacher path with a LoRA student: the base model (adapter off) is the teacher, so r_t measures how far
+    the adapter moved the policy; at the start (LoRA B = 0) the signal is exactly 0."""
+    from peft import LoraConfig
+
+    from po_registry.trainer import rollout
+
+    trainer = po_trainer(["opd"], peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    out = rollout(trainer, [trainer.train_dataset[0]] * 4 + [trainer.train_dataset[1]] * 4)
+    assert out["advantages"].abs().max().item() < 1e-5
+
+
+def test_couplings_are_warned():
+    with pytest.warns(CouplingWarning, match="sequence-level importance ratio"):
+        default_args(["opd-advantage"], OPTIONS, importance_sampling_level="sequence")
+    with pytest.warns(CouplingWarning, match="z-scored per group"):
+        default_args(["opd-reward"], OPTIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CouplingWarning)
+        default_args(["opd-reward"], OPTIONS, scale_rewards="batch")
+
+
+def test_full_reverse_kl_equals_trl_distillation_trainer(po_tiny_model_dir, po_tokenizer, tmp_path):
+    """Pure OPD with the full-vocabulary divergence: loss and gradients equal DistillationTrainer(beta=1)'s."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    from po_registry.config import PolicyOptimizationConfig
+    from po_registry.tasks import get_task
+    from po_registry.trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout
+
+    dataset = get_task("addition").dataset(32)
+    common = dict(use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8, max_completion_length=6,
+                  temperature=1.0, max_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
+    ours = PolicyOptimizationTrainer(  # pure OPD ignores the reward, but TRL wants one
+        model=po_tiny_model_dir, processing_class=po_tokenizer, train_dataset=dataset, reward_funcs=[partial_credit],
+        args=PolicyOptimizationConfig(output_dir=str(tmp_path / "ours"), methods=["opd"], num_generations=4,
+                                      method_options={"opd_teacher": TEACHER_DIR, "opd_divergence": "full"}, **common))
+    stock = DistillationTrainer(model=po_tiny_model_dir, teacher_model=TEACHER_DIR, processing_class=po_tokenizer,
+                                train_dataset=dataset,
+                                args=DistillationConfig(output_dir=str(tmp_path / "stock"), beta=1.0, **common))
+    batch = rollout(ours, [dataset[0]] * 4 + [dataset[1]] * 4)
+    ours.model.zero_grad()
+    loss = micro_batch_loss(ours, dict(batch))
+    loss.backward()
+    stock.model.train()
+    stock_loss = stock.compute_loss(stock.model, dict(batch))
+    stock_loss.backward()
+    assert loss.item() == pytest.approx(stock_loss.item(), abs=1e-6)
+    assert loss.item() > 0
+    for p, q in zip(ours.model.parameters(), stock.model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_weak_student_learns_from_a_stronger_teacher(po_trainer):
+    """The teacher is the warm start trained further (>= 60% held-out greedy accuracy), the student the weak warm
+    start (~30%): pure OPD on the student's own samples raises its accuracy."""
+    from po_registry.embedded import embedded_model_dir, greedy_accuracy
+    from po_registry.tasks import get_task
+
+    task = get_task("addition")
+    teacher = embedded_model_dir(task, target_accuracy=0.6)
+    trainer = po_trainer(["opd"], {"opd_teacher": str(teacher)}, embedded=True, max_steps=40, learning_rate=3e-4,
+                         per_device_train_batch_size=32, num_generations=4, max_completion_length=task.max_completion_length)
+    problems = task.eval_problems(256)
+    before = greedy_accuracy(trainer.model, trainer.processing_class, problems, task.max_completion_length)
+    trainer.train()
+    after = greedy_accuracy(trainer.model, trainer.processing_class, problems, task.max_completion_length)
+    reverse_kl = [row["opd/reverse_kl"] for row in trainer.state.log_history if "opd/reverse_kl" in row]
+    assert after >= before + 0.05, (before, after)
+    assert sum(reverse_kl[-5:]) / 5 < sum(reverse_kl[:5]) / 5, reverse_kl
