@@ -36,6 +36,8 @@ class RewardBatch:
     completion_mask: torch.Tensor | None = None  # (N, T) float loss mask; set for the advantage stage
     token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins, or None
     local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (token_rewards stage)
+    # This process's input rows, with the per-row fields a rollout function returned (multi-turn episodes).
+    rows: list[dict] = field(default_factory=list)
     # (B, T) no-grad log-probs of this process's sampled tokens under the policy that sampled them; computed on
     # first call (token_rewards stage). The reference's are ``local.get("ref_per_token_logps")`` when beta != 0.
     policy_logps: Callable[[], torch.Tensor] | None = None
@@ -78,6 +80,19 @@ class RewardBatch:
         if mine.dim() == 2:
             mine = mine[:, : self.local["completion_ids"].shape[1]]
         self.local[key] = mine
+
+    def token_field(self, key: str, fill: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, T) tensor of a per-completion-token list field of the rows (``turn_index``, ``turn_reward``, ...),
+        right-padded with ``fill`` and gathered over processes."""
+        width = self.local["completion_ids"].shape[1]
+        device = self.local["completion_ids"].device
+        values = [list(row[key])[:width] for row in self.rows]
+        local = torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=dtype, device=device)
+        gathered = self.gather(local - fill) + fill  # shifted, so that the gather's zero padding becomes ``fill``
+        if self.completion_mask is not None and gathered.shape[1] < self.completion_mask.shape[1]:
+            gathered = torch.nn.functional.pad(gathered, (0, self.completion_mask.shape[1] - gathered.shape[1]),
+                                               value=fill)
+        return gathered
 
     def weighted_reward(self, rewards: torch.Tensor) -> torch.Tensor:
         """R = sum_k w_k r_k (N,), NaN-ignoring; a row whose every reward is NaN stays NaN."""

@@ -245,7 +245,6 @@ def _quiet_libraries() -> None:
 
 
 def _eval(args) -> int:
-    from .embedded import greedy_accuracy
     from .errors import PORegistryError
     from .run import load_model, resolve_task
 
@@ -261,11 +260,11 @@ def _eval(args) -> int:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
-    accuracy = greedy_accuracy(model, tokenizer, task.eval_problems(args.eval_size), task.max_completion_length)
+    accuracy = task.evaluate(model, tokenizer, task.eval_problems(args.eval_size))
     if args.json:
         print(json.dumps({"task": task.name, "accuracy": accuracy, "problems": args.eval_size}))
     else:
-        print(f"{task.name}: greedy accuracy {accuracy:.1%} on {args.eval_size} held-out problems")
+        print(f"{task.name}: {task.metric} {accuracy:.1%} on {args.eval_size} held-out problems")
     return 0
 
 

@@ -122,7 +122,7 @@ def warm_start(task, seed: int = 0, target_accuracy: float = 0.3, max_steps: int
         optimizer.zero_grad()
         evaluated = step >= 100 and step % eval_every == 0
         if evaluated:
-            accuracy = greedy_accuracy(model, tokenizer, held_out, task.max_completion_length)
+            accuracy = task.evaluate(model, tokenizer, held_out)
         if progress is not None:
             progress(step, loss.item(), accuracy if evaluated else None)
         if evaluated and accuracy >= target_accuracy:

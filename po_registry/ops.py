@@ -20,6 +20,7 @@ __all__ = [
     "gae",
     "group_mean",
     "group_std",
+    "group_normalize",
     "kl_estimate",
     "last_token_index",
     "masked_mean",
@@ -29,6 +30,8 @@ __all__ = [
     "outcome_token_rewards",
     "returns_to_go",
     "sequence_log_ratio",
+    "tokens_from_turns",
+    "turns_from_tokens",
 ]
 
 
@@ -74,6 +77,34 @@ def group_std(values: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 2:
         return torch.zeros_like(values)
     return nanstd(values.view(-1, group_size), dim=1).repeat_interleave(group_size)
+
+
+def group_normalize(values: torch.Tensor, group_size: int, present: torch.Tensor | None = None,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """(x - mean) / (std + eps) within each group of ``group_size`` rows, column by column, over the ``present``
+    entries (Bessel-corrected std; 0 where fewer than two are present); absent entries give 0. ``values``: (N,) or
+    (N, K)."""
+    flat = values.dim() == 1
+    values = values.unsqueeze(1) if flat else values
+    present = torch.ones_like(values, dtype=torch.bool) if present is None else present.bool().view_as(values)
+    grouped = torch.where(present, values, torch.nan).view(-1, group_size, values.shape[1])
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = nanstd(grouped, dim=1, keepdim=True).nan_to_num(0.0)
+    normalized = ((grouped - mean) / (std + eps)).nan_to_num(0.0).view_as(values) * present
+    return normalized.squeeze(1) if flat else normalized
+
+
+def turns_from_tokens(token_values: torch.Tensor, turn_index: torch.Tensor, num_turns: int) -> torch.Tensor:
+    """(N, K) per-turn sums of (N, T) token values; ``turn_index`` (N, T) holds each token's turn, -1 for none."""
+    turns = torch.zeros(token_values.shape[0], num_turns + 1, dtype=token_values.dtype, device=token_values.device)
+    slot = torch.where(turn_index >= 0, turn_index, num_turns).long()
+    return turns.scatter_add_(1, slot, token_values)[:, :num_turns]
+
+
+def tokens_from_turns(turn_values: torch.Tensor, turn_index: torch.Tensor) -> torch.Tensor:
+    """(N, T) token values from (N, K) per-turn values: each token gets its turn's value, 0 where the index is -1."""
+    slot = turn_index.clamp(min=0).long()
+    return turn_values.gather(1, slot) * (turn_index >= 0)
 
 
 def kl_estimate(

@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .tasks import SingleTurn
+
 from .cli import _fail
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -54,7 +56,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 @dataclasses.dataclass
-class DatasetTask:
+class DatasetTask(SingleTurn):
     """A task read from a file: the last tenth of the rows is held out for evaluation."""
 
     name: str
@@ -103,11 +105,9 @@ def _read_dataset(path: str, longest_completion: int = 64) -> DatasetTask:
     return DatasetTask(file.name, rows[:-held_out], rows[-held_out:], min(longest + 2, longest_completion))
 
 
-def _reward(spec: str):
-    from .tasks import exact_match
-
+def _reward(spec: str, task):
     if spec == "exact":
-        return exact_match
+        return task.reward_function()
     if ":" not in spec:
         _fail("train", f"--reward {spec!r}: use 'exact' or a Python function as module:function")
     module_name, function_name = spec.split(":", 1)
@@ -295,7 +295,7 @@ def train(args) -> int:
         embedded_task = resolve_task(run["task"])
     except PORegistryError as exc:
         _fail("train", str(exc))
-    reward = _reward(run["reward"])
+    reward = _reward(run["reward"], task)
     use_lora = not run["no_lora"]
     learning_rate = run["learning_rate"] or (5e-4 if use_lora else 5e-5)
     settings = {
@@ -340,7 +340,6 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
     from peft import LoraConfig
     from transformers import PrinterCallback
 
-    from .embedded import greedy_accuracy
     from .trainer import PolicyOptimizationTrainer
 
     eval_problems = task.eval_problems(run["eval_size"])
@@ -349,15 +348,16 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
     started = time.time()
     before = previous.get("accuracy_before")
     if before is None:
-        before = greedy_accuracy(model, tokenizer, eval_problems, task.max_completion_length)
-    print(f"{task.name}: greedy accuracy before training {before:.1%} ({len(eval_problems)} held-out problems)")
+        before = task.evaluate(model, tokenizer, eval_problems)
+    print(f"{task.name}: {task.metric} before training {before:.1%} ({len(eval_problems)} held-out problems)")
     peft_config = LoraConfig(r=run["lora_r"], lora_alpha=2 * run["lora_r"], lora_dropout=0.0,
                              target_modules="all-linear") if use_lora else None
-    progress = LiveProgress(run_dir / "metrics.jsonl", eval_problems, tokenizer, task.max_completion_length,
+    progress = LiveProgress(run_dir / "metrics.jsonl", lambda m: task.evaluate(m, tokenizer, eval_problems),
                             run["eval_every"], config.max_steps, before)
     trainer = PolicyOptimizationTrainer(model=model, reward_funcs=[reward], args=config,
                                         train_dataset=task.dataset(seed=run["seed"]), processing_class=tokenizer,
-                                        peft_config=peft_config, callbacks=[progress])
+                                        peft_config=peft_config, callbacks=[progress],
+                                        rollout_func=task.rollout_function())
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = progress.accuracy
@@ -369,7 +369,7 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
                "lora": use_lora, "saved": target.name}
     summary_path.write_text(json.dumps(summary, indent=2))
     plot(run_dir / "metrics.jsonl", run_dir / "plot.png", title=f"{task.name} - {'+'.join(config.methods)}")
-    print(f"{task.name}: greedy accuracy {before:.1%} -> {after:.1%} ({100 * (after - before):+.1f} points) in "
+    print(f"{task.name}: {task.metric} {before:.1%} -> {after:.1%} ({100 * (after - before):+.1f} points) in "
           f"{trainer.state.global_step} steps, {elapsed:.0f} s")
     print(f"wrote {run_dir}/: {target.name}/, metrics.jsonl, plot.png, config.yaml, summary.json")
     return 0
@@ -378,10 +378,9 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
 class LiveProgress(TrainerCallback):
     """A progress bar with live reward and accuracy; writes every log and evaluation to metrics.jsonl."""
 
-    def __init__(self, metrics_path: Path, problems, tokenizer, max_new_tokens: int, eval_every: int,
-                 total_steps: int, accuracy: float):
-        self.metrics_path, self.problems, self.tokenizer = metrics_path, problems, tokenizer
-        self.max_new_tokens, self.eval_every, self.total = max_new_tokens, eval_every, total_steps
+    def __init__(self, metrics_path: Path, evaluate, eval_every: int, total_steps: int, accuracy: float):
+        self.metrics_path, self.evaluate = metrics_path, evaluate
+        self.eval_every, self.total = eval_every, total_steps
         self.accuracy, self.reward, self.bar = accuracy, None, None
 
     def _write(self, row: dict) -> None:
@@ -403,9 +402,7 @@ class LiveProgress(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step % self.eval_every == 0 or step == state.max_steps:
-            from .embedded import greedy_accuracy
-
-            self.accuracy = greedy_accuracy(model, self.tokenizer, self.problems, self.max_new_tokens)
+            self.accuracy = self.evaluate(model)
             self._write({"step": step, "eval_accuracy": self.accuracy})
         self.bar.update(step - self.bar.n)
         postfix = {"acc": f"{self.accuracy:.1%}"}

@@ -19,8 +19,28 @@ class UnknownTaskError(UnknownMethodError):
     """A task name that no loaded plugin registered."""
 
 
+class SingleTurn:
+    """Scoring of a single-turn task with ``max_completion_length``: exact-match reward, greedy accuracy."""
+
+    metric = "greedy accuracy"
+    max_completion_length: int
+
+    def evaluate(self, model, tokenizer, problems) -> float:
+        """The held-out score: the fraction of greedy completions equal to the answer."""
+        from .embedded import greedy_accuracy
+
+        return greedy_accuracy(model, tokenizer, problems, self.max_completion_length)
+
+    def reward_function(self):
+        return exact_match
+
+    def rollout_function(self):
+        """A TRL ``rollout_func`` for the trainer, or None for single-turn generation."""
+        return None
+
+
 @dataclass(frozen=True)
-class Task:
+class Task(SingleTurn):
     """A verifiable task: ``make_problem(rng) -> (prompt, answer)``; a completion is right when its text, up to
     the end-of-sequence token and stripped, equals the answer."""
 
@@ -44,6 +64,34 @@ class Task:
     def eval_problems(self, count: int = 512) -> list[tuple[str, str]]:
         """Held out: drawn from a seed the training set never uses."""
         return self.problems(count, EVAL_SEED)
+
+
+@dataclass(frozen=True)
+class EnvironmentTask(Task):
+    """A multi-turn task: prompts start episodes in ``environment()``; ``make_problem`` gives (prompt, transcript of
+    a random-play episode) for the warm start. Reward: the episode's summed turn rewards; score: greedy success."""
+
+    environment: Callable[[], object] | None = None
+    max_turns: int = 6
+    max_tokens: int = 96
+
+    metric = "greedy success rate"
+
+    def evaluate(self, model, tokenizer, problems) -> float:
+        from .agentic import greedy_episodes
+
+        return greedy_episodes(model, tokenizer, self.environment, [prompt for prompt, _ in problems],
+                               self.max_turns, self.max_completion_length, self.max_tokens)["success"]
+
+    def reward_function(self):
+        from .agentic import environment_reward
+
+        return environment_reward
+
+    def rollout_function(self):
+        from .agentic import multi_turn_rollout
+
+        return multi_turn_rollout(self.environment, max_turns=self.max_turns, max_tokens=self.max_tokens)
 
 
 def is_correct(completion: str, answer: str) -> bool:
@@ -80,10 +128,65 @@ def _count(rng: random.Random) -> tuple[str, str]:
     return f"count {target} in {word}=", str(word.count(target))
 
 
+GUESS_LOW, GUESS_HIGH, GUESS_TURNS = 1, 16, 6
+
+
+def guess_secret(prompt: str) -> int:
+    """The secret of a game, drawn from the game id in its prompt ('game 0421: ...'): unguessable from the id."""
+    game = prompt.split(":", 1)[0].split()[-1]
+    return random.Random(f"guess:{game}").randint(GUESS_LOW, GUESS_HIGH)
+
+
+class GuessNumber:
+    """Guess a secret number in [1, 16] from 'higher' / 'lower' answers, in at most 6 turns.
+
+    Turn rewards: 1 - 0.1 (turns - 1) for the right guess (fewer turns, more reward), -0.1 for a guess outside the
+    range the answers so far allow (wasted), -0.1 for an action that is not a number, else 0. State: that range."""
+
+    def reset(self, prompt: str) -> None:
+        self.secret, self.low, self.high, self.turns = guess_secret(prompt), GUESS_LOW, GUESS_HIGH, 0
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        self.turns += 1
+        text = action.strip()
+        if not text.isdigit():
+            return "invalid\n", -0.1, False
+        guess = int(text)
+        if guess == self.secret:
+            return "correct\n", 1.0 - 0.1 * (self.turns - 1), True
+        wasted = not self.low <= guess <= self.high
+        if guess < self.secret:
+            self.low = max(self.low, guess + 1)
+        else:
+            self.high = min(self.high, guess - 1)
+        return ("higher\n" if guess < self.secret else "lower\n"), (-0.1 if wasted else 0.0), False
+
+    def state_key(self) -> tuple[int, int]:
+        return self.low, self.high
+
+
+def _guess(rng: random.Random) -> tuple[str, str]:
+    """A game and a random-play transcript: guesses drawn uniformly from the range the answers allow."""
+    prompt = f"game {rng.randint(0, 9999):04d}: guess {GUESS_LOW}-{GUESS_HIGH}\n"
+    game = GuessNumber()
+    game.reset(prompt)
+    transcript = ""
+    for _ in range(GUESS_TURNS):
+        guess = rng.randint(game.low, game.high)
+        observation, _, done = game.step(str(guess))
+        transcript += f"{guess}<eos>{observation}"
+        if done:
+            break
+    return prompt, transcript
+
+
 BUILTIN_TASKS = [
     Task("addition", "addition of numbers below 100: 'a+b=' -> the sum (answers of 1 to 3 digits)", _addition, 6),
     Task("reverse", "reverse a word of 2-6 letters: 'rev abc=' -> 'cba' (answers of varying length)", _reverse, 8),
     Task("count", "count a letter in a word: 'count a in abca=' -> '2'", _count, 4),
+    EnvironmentTask("guess", f"multi-turn: guess a number in {GUESS_LOW}-{GUESS_HIGH} from higher/lower answers in "
+                             f"at most {GUESS_TURNS} turns; fewer turns, more reward", _guess, 3,
+                    environment=GuessNumber, max_turns=GUESS_TURNS, max_tokens=72),
 ]
 
 

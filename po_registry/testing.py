@@ -183,9 +183,10 @@ def po_trainer(tmp_path, po_tokenizer):
     """Factory of a PolicyOptimizationTrainer on addition prompts, with a tiny random model or, with
     ``embedded=True``, the embedded warm-started model (built on first use, then cached):
     ``po_trainer(methods=["grpo"], method_options={}, max_steps=2, embedded=False, peft_config=None,
-    **config_fields)``."""
+    rollout_func=None, task="addition", **config_fields)``."""
 
-    def build(methods=("grpo",), method_options=None, reward_funcs=None, embedded=False, peft_config=None, **fields):
+    def build(methods=("grpo",), method_options=None, reward_funcs=None, embedded=False, peft_config=None,
+              rollout_func=None, task="addition", **fields):
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -205,14 +206,14 @@ def po_trainer(tmp_path, po_tokenizer):
 
             from .embedded import embedded_model_dir
 
-            model_dir = embedded_model_dir(get_task("addition"))
+            model_dir = embedded_model_dir(get_task(task))
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         elif not model_dir.exists():
             tiny_causal_lm(po_tokenizer).save_pretrained(model_dir)
         return PolicyOptimizationTrainer(
             model=str(model_dir), processing_class=tokenizer,
             reward_funcs=reward_funcs or [partial_credit], args=PolicyOptimizationConfig(**config),
-            train_dataset=get_task("addition").dataset(64), peft_config=peft_config,
+            train_dataset=get_task(task).dataset(64), peft_config=peft_config, rollout_func=rollout_func,
         )
 
     return build
@@ -231,6 +232,10 @@ class PluginConformance:
     config: dict[str, Any] = {}
     train_steps: int = 2
     metrics: tuple[str, ...] = ()  # metrics the method must log during training
+
+    def prepare_reward_batch(self, batch) -> None:
+        """Override to add what the method's reward side reads beyond the synthetic batch (``batch.rows`` of a
+        multi-turn rollout) to the synthetic generation batch."""
 
     def prepare_loss_batch(self, batch) -> None:
         """Override to add what the method's reward side carries to the loss side (``RewardBatch.carry``) to the
@@ -258,6 +263,7 @@ class PluginConformance:
 
     def _advantages(self, pipeline, args, **kwargs):
         rewards, batch = reward_batch(args=args, options=pipeline.options, **kwargs)
+        self.prepare_reward_batch(batch)
         rewards = pipeline.shape_rewards(rewards, batch)
         token = pipeline.token_rewards(batch, like=batch.completion_mask)
         batch.token_rewards = token

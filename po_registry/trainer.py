@@ -50,6 +50,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         self.po_pipeline = Pipeline(assemble(methods, getattr(args, "method_options", None) or {}))
         self.po_pipeline.check_config(args)
         self._po_rewards: tuple[torch.Tensor, RewardBatch] | None = None
+        if kwargs.get("rollout_func") is not None:  # multi-turn environments are a supported use here
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         super().__init__(model, reward_funcs, args, **kwargs)
         self.po_pipeline.setup(self)
 
@@ -57,6 +59,27 @@ class PolicyOptimizationTrainer(GRPOTrainer):
     def po_options(self) -> dict:
         """Resolved option values of the assembled plugins."""
         return self.po_pipeline.options
+
+    # -- for rollout functions (multi-turn environments) ---------------------------------------------------------
+
+    def generate_turn(self, contexts: list[list[int]]) -> list[list[int]]:
+        """One completion per token context with the trainer's own generation backend and sampling settings (at
+        most ``max_completion_length`` tokens, cut after the first end-of-sequence token, which is kept)."""
+        completions, _ = self._generate_single_turn(contexts, None, {}, 1)
+        return [list(ids) for ids in completions]
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Record a metric for the next log line (averaged with the other values recorded since)."""
+        self._metrics[self._mode()][name].append(float(value))
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any."""
+        return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device)).sum() > 0)
+
+    def sum_over_processes(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all processes."""
+        local = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(local, reduction="sum").tolist()
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -126,6 +149,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         loss_mask = out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]
         loss_mask = loss_mask.float()
         batch.local = out
+        batch.rows = inputs
         batch.policy_logps = functools.cache(lambda: self._behaviour_logps(out))
         batch.greedy_rewards = functools.cache(lambda: self._greedy_rewards(inputs, out, batch))
         token_rewards = self.po_pipeline.token_rewards(batch, like=loss_mask)
@@ -304,8 +328,14 @@ class PolicyOptimizationTrainer(GRPOTrainer):
 
 def rollout(trainer: GRPOTrainer, rows: list[dict]) -> dict:
     """One generation batch (rows repeated G times, grouped), scored as in training."""
+    return scored_rollout(trainer, rows)[0]
+
+
+def scored_rollout(trainer: GRPOTrainer, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """:func:`rollout`, also returning copies of the rows with the fields a rollout function added to them."""
     trainer.model.train()
-    return trainer._generate_and_score_completions([dict(row) for row in rows])
+    scored = [dict(row) for row in rows]
+    return trainer._generate_and_score_completions(scored), scored
 
 
 def sampled_token_logps(trainer: GRPOTrainer, batch: dict) -> torch.Tensor:
