@@ -35,6 +35,11 @@ def run(method: str, seed: int, steps: int, out: Path, task: str) -> dict:
     return summary
 
 
+def label(method: str) -> str:
+    """The method's name without its flags."""
+    return method.split(" --")[0]
+
+
 def compare(methods: list[str], seeds: list[int], steps: int, task: str, plot_path: str, title: str = "") -> dict:
     """Run every (method, seed), print the table and draw the mean accuracy curves; returns the summaries."""
     results: dict[str, list[dict]] = {}
@@ -43,17 +48,17 @@ def compare(methods: list[str], seeds: list[int], steps: int, task: str, plot_pa
             for method in methods:
                 summary = run(method, seed, steps, Path(tmp), task)
                 results.setdefault(method, []).append(summary)
-                print(f"{method:40s} seed {seed}: {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}"
+                print(f"{label(method):24s} seed {seed}: {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}"
                       f" ({summary['seconds']:.0f} s)", flush=True)
 
     print(f"\n{task}, {steps} steps, seeds {seeds}: held-out greedy accuracy")
-    print(f"{'method':40s} {'before':>7s} {'after':>7s} {'gain':>7s} {'s/run':>6s}  per seed")
+    print(f"{'method':24s} {'before':>7s} {'after':>7s} {'gain':>7s} {'s/run':>6s}  per seed")
     for method, runs in results.items():
         before = statistics.mean(r["accuracy_before"] for r in runs)
         after = statistics.mean(r["accuracy_after"] for r in runs)
         seconds = statistics.mean(r["seconds"] for r in runs)
         per_seed = " ".join(f"{r['accuracy_after']:.1%}" for r in runs)
-        print(f"{method:40s} {before:7.1%} {after:7.1%} {100 * (after - before):+6.1f}p {seconds:6.0f}  {per_seed}")
+        print(f"{label(method):24s} {before:7.1%} {after:7.1%} {100 * (after - before):+6.1f}p {seconds:6.0f}  {per_seed}")
 
     import matplotlib
 
@@ -64,7 +69,7 @@ def compare(methods: list[str], seeds: list[int], steps: int, task: str, plot_pa
     for method, runs in results.items():
         steps_seen = [step for step, _ in runs[0]["curve"]]
         mean = [statistics.mean(dict(r["curve"])[step] for r in runs) for step in steps_seen]
-        axis.plot(steps_seen, mean, marker="o", label=method.split(" --")[0])
+        axis.plot(steps_seen, mean, marker="o", label=label(method))
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("held-out greedy accuracy")
     axis.set_title(title or f"{task}: mean over seeds {seeds}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: room for 128 positions (multi-turn episodes); same weights as 1
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 CHARACTERS = list(string.digits) + list("+-*=()<>:?,.") + [" "] + list(string.ascii_lowercase) + ["\n"]
 
@@ -49,7 +49,7 @@ def llama(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4 if tie else 2,
-        max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

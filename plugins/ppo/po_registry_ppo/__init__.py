@@ -50,6 +50,9 @@ def load_value_model(source: str, device, dtype, lora_r: int) -> torch.nn.Module
     return model.to(device)
 
 
+ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
 def token_values(model: torch.nn.Module, rows) -> torch.Tensor:
     """(B, T) V(s_t) for each completion token t: the head's output at the position before it."""
     prompt_length, width = rows["prompt_ids"].shape[1], rows["completion_ids"].shape[1]
@@ -177,8 +180,11 @@ class Critic:
     @hookimpl
     def po_compute_advantages(self, rewards, batch):
         options = batch.options
-        with torch.no_grad():
-            values = batch.gather(token_values(self._require_model(), batch.local))
+        model, rows, chunk = self._require_model(), batch.local, batch.args.per_device_train_batch_size
+        with torch.no_grad():  # a micro-batch of rows at a time, as the trainer scores its own log-probs
+            local = torch.cat([token_values(model, {key: rows[key][start : start + chunk] for key in ROW_KEYS})
+                               for start in range(0, rows["completion_ids"].shape[0], chunk)])
+        values = batch.gather(local)
         total = batch.weighted_reward(rewards)
         mask = batch.completion_mask * (~torch.isnan(total)).unsqueeze(1)  # unscorable rows: no advantage, no target
         values = values[:, : mask.shape[1]] * mask
