@@ -210,7 +210,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             decoded, _ = self._generate_single_turn([prompts[i] for i in firsts], None, {}, 1)
         finally:
             self.generation_config, self.generation_kwargs = sampling
-        owner = torch.tensor([i in firsts for i in range(len(prompts))]).cumsum(0) - 1
+        starts = set(firsts)
+        owner = torch.tensor([i in starts for i in range(len(prompts))]).cumsum(0) - 1
         completion_ids = [decoded[j] for j in owner.tolist()]
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         if is_conversational(inputs[0]):
