@@ -63,14 +63,13 @@ class TeacherState:
     def token_logps(self, rows, temperature: float, chunk: int) -> torch.Tensor:
         """(B, T) teacher log-probs of the sampled completion tokens, a chunk of rows at a time (cached per rows)."""
         ids = rows["completion_ids"]
-        key = (id(rows), ids.data_ptr(), tuple(ids.shape))
-        if key != self._cache_key:
+        if ids is not self._cache_key:  # the cache holds the tensor itself, so its identity cannot be recycled
             parts = []
             for start in range(0, ids.shape[0], chunk):
                 logits = self.completion_logits(rows, start, start + chunk, temperature)
                 parts.append(torch.log_softmax(logits.float(), dim=-1).gather(
                     -1, ids[start : start + chunk].unsqueeze(-1)).squeeze(-1))
-            self._cache_key, self._cache = key, torch.cat(parts)
+            self._cache_key, self._cache = ids, torch.cat(parts)
         return self._cache
 
 
