@@ -124,6 +124,17 @@ class Episode:
         self.turn_reward += [0.0] * len(ids)
         self.turn_state += [state if is_action else -1] * len(ids)
 
+    def answered(self, observation_ids: list[int], reward: float, done: bool, eos: int, max_turns: int,
+                 max_tokens: int) -> None:
+        """Record the environment's answer to the action just added: the turn's reward on its last action token,
+        the observation (and EOS when the episode is over) as environment tokens; stop at the caps."""
+        self.turn_reward[-1] = reward
+        self.reward += reward
+        self.turns += 1
+        self.done = done
+        self.add(observation_ids + ([eos] if done else []), is_action=False)
+        self.finished = done or self.turns >= max_turns or len(self.completion) >= max_tokens
+
     def fail(self, failure: EnvironmentFailure, eos: int) -> None:
         self.failure, self.reward, self.finished = failure.kind, 0.0, True
         self.turn_reward = [0.0] * len(self.turn_reward)
@@ -189,12 +200,7 @@ def multi_turn_rollout(environment_factory: Callable[[], Any], max_turns: int = 
                     logger.warning("environment failed at turn %d (%s); the episode gets reward 0",
                                    episode.turns + 1, failure)
                     continue
-                episode.turn_reward[-1] = reward
-                episode.reward += reward
-                episode.turns += 1
-                episode.done = done
-                episode.add(encode(observation) + ([eos] if done else []), is_action=False)
-                episode.finished = done or episode.turns >= max_turns or len(episode.completion) >= max_tokens
+                episode.answered(encode(observation), reward, done, eos, max_turns, max_tokens)
 
         counts = {"env/failures": sum(bool(e.failure) for e in episodes),
                   "env/timeouts": sum(e.failure == "timeout" for e in episodes),
@@ -265,11 +271,8 @@ def greedy_episodes(model, tokenizer, environment_factory, prompts: list[str], m
                 except Exception:  # noqa: BLE001 - a failing environment is an unsuccessful episode
                     episode.finished, episode.failure = True, "error"
                     continue
-                episode.reward += reward
-                episode.turns += 1
-                episode.done = done
-                episode.add(tokenizer(observation, add_special_tokens=False)["input_ids"], is_action=False)
-                episode.finished = done or len(episode.completion) >= max_tokens
+                episode.answered(tokenizer(observation, add_special_tokens=False)["input_ids"], reward, done,
+                                 tokenizer.eos_token_id, max_turns, max_tokens)
         results += episodes
     model.train(was_training)
     won = [e for e in results if e.done and not e.failure and e.reward > 0]

@@ -186,12 +186,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         """Log-probs of the sampled tokens under the policy that sampled them (no gradient)."""
         if out.get("old_per_token_logps") is not None:
             return out["old_per_token_logps"]
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
-        attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-        with torch.no_grad():
-            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
-                                                                  out["completion_ids"].size(1))
-        return logps
+        return sampled_token_logps(self, out)
 
     def _greedy_rewards(self, inputs, out, batch: RewardBatch) -> torch.Tensor:
         """(N,) weighted reward of a greedy completion of each row's prompt: one decode per distinct prompt on

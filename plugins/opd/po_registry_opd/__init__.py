@@ -85,10 +85,14 @@ def completion_logits(model, rows, start: int, stop: int, temperature: float) ->
     return logits[:, -width:] / temperature
 
 
+def teacher_chunk(options, args) -> int:
+    """Rows per teacher forward pass: ``opd_teacher_chunk``, or the micro-batch size."""
+    return options["opd_teacher_chunk"] or args.per_device_train_batch_size
+
+
 def teacher_signal(rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options, args) -> torch.Tensor:
     """r_t = log pi_T(y_t) - log pi_old(y_t) on the loss tokens (0 elsewhere), clipped to [-c, c] when c > 0."""
-    chunk = options["opd_teacher_chunk"] or args.per_device_train_batch_size
-    teacher = TEACHER.token_logps(rows, args.temperature, chunk)
+    teacher = TEACHER.token_logps(rows, args.temperature, teacher_chunk(options, args))
     signal = (teacher - behaviour_logps) * mask
     clip = options["opd_clip"]
     return signal.clamp(-clip, clip) if clip > 0 else signal
@@ -250,8 +254,8 @@ class PureOPD:
 
 
 def _full_kl(batch, coefficient: float) -> torch.Tensor:
-    chunk = batch.options["opd_teacher_chunk"] or batch.args.per_device_train_batch_size
-    kl = full_reverse_kl(TEACHER.student, batch.inputs, batch.mask, batch.args.temperature, chunk)
+    kl = full_reverse_kl(TEACHER.student, batch.inputs, batch.mask, batch.args.temperature,
+                         teacher_chunk(batch.options, batch.args))
     batch.log_metric("opd/full_reverse_kl", kl.item())
     return coefficient * kl.to(batch.logps.dtype)
 
@@ -350,8 +354,7 @@ class TeacherKL:
     def po_token_penalty(self, batch):
         if batch.options["opd_divergence"] == "full":
             return None
-        chunk = batch.options["opd_teacher_chunk"] or batch.args.per_device_train_batch_size
-        teacher = TEACHER.token_logps(batch.inputs, batch.args.temperature, chunk)
+        teacher = TEACHER.token_logps(batch.inputs, batch.args.temperature, teacher_chunk(batch.options, batch.args))
         kl = kl_estimate(batch.logps, teacher, batch.options["opd_kl_estimator"])
         batch.log_metric("opd/teacher_kl", batch.global_masked_mean(kl.detach()))
         return current_lambda(batch) * kl

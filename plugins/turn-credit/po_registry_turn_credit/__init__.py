@@ -16,7 +16,7 @@ token of turn k gets its turn's advantage; environment tokens get none (they are
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import group_normalize, returns_to_go, tokens_from_turns, turns_from_tokens
+from po_registry.ops import group_mean, group_normalize, group_std, returns_to_go, tokens_from_turns, turns_from_tokens
 
 MT_GRPO = "arXiv 2505.11821"
 GIGPO = "arXiv 2505.10978"
@@ -31,8 +31,7 @@ class Turns:
                              "multi-turn rollouts (po_registry.agentic.multi_turn_rollout, e.g. --task guess)")
         self.index = batch.token_field("turn_index", fill=-1, dtype=torch.long)
         self.index = torch.where(batch.completion_mask.bool(), self.index, -1)
-        self.count = int(self.index.max().item()) + 1 if self.index.numel() else 0
-        self.count = max(self.count, 1)
+        self.count = max(int(self.index.max().item()) + 1 if self.index.numel() else 0, 1)
         rewards = batch.token_field("turn_reward", fill=0.0)
         self.rewards = turns_from_tokens(rewards * batch.completion_mask, self.index, self.count)
         positions = torch.arange(self.count, device=self.index.device)
@@ -49,8 +48,8 @@ class Turns:
 
 def outcome_advantage(rewards, batch) -> torch.Tensor:
     """A^out_i: the weighted outcome reward normalised within its group (unscorable rows: 0)."""
-    return group_normalize(batch.weighted_reward(rewards), batch.group_size,
-                           present=~torch.isnan(batch.weighted_reward(rewards)))
+    total = batch.weighted_reward(rewards)
+    return group_normalize(total, batch.group_size, present=~torch.isnan(total))
 
 
 class TurnAdvantage:
@@ -141,9 +140,7 @@ class TurnReturn:
         turns = Turns(batch)
         returns = turns.returns(batch.options["turn_return_gamma"])
         episode = returns[:, 0]
-        grouped = episode.view(-1, batch.group_size)
-        mean = grouped.mean(dim=1).repeat_interleave(batch.group_size).unsqueeze(1)
-        std = (grouped.std(dim=1) if batch.group_size > 1 else torch.zeros(grouped.shape[0], device=grouped.device))
-        std = std.repeat_interleave(batch.group_size).unsqueeze(1)
+        mean = group_mean(episode, batch.group_size).unsqueeze(1)
+        std = group_std(episode, batch.group_size).unsqueeze(1)
         advantages = (returns - mean) / (std + 1e-4) * turns.exists
         return turns.per_token(advantages)
