@@ -13,11 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from .errors import UsageError, fail
+
 PROG = "po-registry"
-
-
-class UsageError(Exception):
-    """Bad input found before training: one line on stderr, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +30,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
     return value
 
 
@@ -60,21 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-r", type=_positive_int, help="LoRA rank (default 16)")
     lora.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--steps", type=_positive_int, help="optimizer steps (default 150)")
-    train.add_argument("--learning-rate", type=float, help="default 5e-4 with LoRA, 5e-5 without")
+    train.add_argument("--learning-rate", type=_positive_float, help="default 5e-4 with LoRA, 5e-5 without")
     train.add_argument("--config", help="YAML file: any of these options and any PolicyOptimizationConfig field")
     train.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE",
                        help="an option of the chosen methods' plugins (repeatable)")
     train.add_argument("--output-dir", help="where the run is written (default: runs/<task>-<methods>)")
-    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--seed", type=_seed, help="random seed (default 0)")
     train.add_argument("--eval-every", type=_positive_int, help="greedy-accuracy evaluation period (default 20)")
     train.add_argument("--eval-size", type=_positive_int, help="held-out problems per evaluation (default 512)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
 
     evaluate = commands.add_parser("eval", help="greedy accuracy of a model (and adapter) on a task",
                                    description="Greedy accuracy on the task's held-out problems.")
-    evaluate.add_argument("--model", help="model directory or .gguf file (default: the embedded warm start)")
+    evaluate.add_argument("--model", help="model directory or .gguf file (default: the adapter's base model, "
+                          "else the embedded warm start)")
     evaluate.add_argument("--adapter", help="a LoRA adapter directory to apply (from `po-registry train`)")
     evaluate.add_argument("--task", default="addition", help="embedded task (default: addition)")
+    evaluate.add_argument("--dataset", help="score a prompt/answer file's held-out tenth instead of a task")
     evaluate.add_argument("--eval-size", type=_positive_int, default=512, help="held-out problems (default 512)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
@@ -124,10 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `po-registry plugins | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
-
-def _fail(command: str, message: str):
-    raise UsageError(f"{PROG} {command}: error: {message}")
 
 
 # -- browsing ---------------------------------------------------------------------------------------------------
@@ -220,7 +236,7 @@ def _new_plugin(args) -> int:
     try:
         root = generate(args.name, args.stage, args.directory)
     except ScaffoldError as exc:
-        _fail("new-plugin", str(exc))
+        fail("new-plugin", str(exc))
     print(f"created {root}/ ({args.stage} template). Next:")
     print(f"  pip install -e {root} && python -m pytest {root}/tests")
     return 0
@@ -245,27 +261,55 @@ def _quiet_libraries() -> None:
 
 
 def _eval(args) -> int:
-    from .errors import PORegistryError
-    from .run import load_model, resolve_task
+    from .errors import PORegistryError, first_line
+    from .run import load_model, read_dataset, resolve_task
 
     _quiet_libraries()
-    try:
-        task = resolve_task(args.task)
-    except PORegistryError as exc:
-        _fail("eval", str(exc))
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        _fail("eval", f"--adapter {args.adapter}: no adapter_config.json there")
-    model, tokenizer = load_model(args.model, task, command="eval")
+    if args.dataset:
+        task = read_dataset(args.dataset, command="eval")
+    else:
+        try:
+            task = resolve_task(args.task)
+        except PORegistryError as exc:
+            fail("eval", str(exc))
+    model_path = args.model
+    if args.adapter:
+        model_path = model_path or _adapter_base(args.adapter)
+    model, tokenizer = load_model(model_path, task, command="eval")
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
-    accuracy = task.evaluate(model, tokenizer, task.eval_problems(args.eval_size))
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter)
+        except Exception as exc:  # noqa: BLE001 - a mismatched adapter: one line, not peft's traceback
+            fail("eval", f"--adapter {args.adapter} does not fit the model {model_path or 'embedded'} "
+                         f"({first_line(exc)[:300]})")
+    problems = task.eval_problems(args.eval_size)
+    accuracy = task.evaluate(model, tokenizer, problems)
     if args.json:
-        print(json.dumps({"task": task.name, "accuracy": accuracy, "problems": args.eval_size}))
+        print(json.dumps({"task": task.name, "accuracy": accuracy, "problems": len(problems)}))
     else:
-        print(f"{task.name}: {task.metric} {accuracy:.1%} on {args.eval_size} held-out problems")
+        print(f"{task.name}: {task.metric} {accuracy:.1%} on {len(problems)} held-out problems")
     return 0
+
+
+def _adapter_base(adapter: str) -> str | None:
+    """The local base model recorded in an adapter (None: the embedded model, which load_model finds itself)."""
+    folder = Path(adapter)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        fail("eval", f"--adapter {adapter}: no adapter_config.json there")
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        fail("eval", f"--adapter {adapter}: no adapter weights there (adapter_model.safetensors)")
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (ValueError, OSError) as exc:
+        fail("eval", f"--adapter {adapter}: adapter_config.json cannot be read ({exc})")
+    if not base:
+        return None
+    if not (Path(base) / "config.json").is_file():
+        fail("eval", f"--adapter {adapter}: its base model {base} is not a local model directory; pass --model")
+    return base
 
 
 def _train(args) -> int:

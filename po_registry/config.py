@@ -3,12 +3,57 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+
 import torch
 from trl import GRPOConfig
 
 from .errors import OptionError
 from .pipeline import Pipeline, assemble
+
+
+def _above(low):
+    return lambda v: v > low, f"> {low}"
+
+
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _within(low, high, low_open=False):
+    return (lambda v: (v > low if low_open else v >= low) and v <= high), f"in {'(' if low_open else '['}{low}, {high}]"
+
+
+# GRPOConfig / TrainingArguments fields whose out-of-range value would train nonsense or fail late (None = unset).
+FIELD_RANGES = {
+    "learning_rate": _above(0), "temperature": _above(0), "top_p": _within(0, 1, low_open=True),
+    "top_k": _at_least(0), "min_p": _within(0, 1), "repetition_penalty": _above(0),
+    "num_generations": _at_least(2), "num_generations_eval": _at_least(2),
+    "per_device_train_batch_size": _at_least(1), "per_device_eval_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1), "max_completion_length": _at_least(1),
+    "generation_batch_size": _at_least(1), "steps_per_generation": _at_least(1), "num_iterations": _at_least(1),
+    "beta": _at_least(0), "epsilon": _above(0), "epsilon_high": _above(0), "delta": _above(0),
+    "top_entropy_quantile": _within(0, 1), "max_grad_norm": _at_least(0), "weight_decay": _at_least(0),
+    "adam_beta1": _within(0, 1), "adam_beta2": _within(0, 1), "adam_epsilon": _above(0),
+    "warmup_ratio": _within(0, 1), "warmup_steps": _at_least(0), "num_train_epochs": _above(0),
+    "logging_steps": _above(0), "save_steps": _above(0), "save_total_limit": _at_least(1),
+    "sapo_temperature_neg": _above(0), "sapo_temperature_pos": _above(0),
+}
+
+
+def check_field_ranges(config) -> None:
+    """Refuse a mistyped or out-of-range trainer setting, naming the field and its value."""
+    for name, (accepts, rule) in FIELD_RANGES.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(f"{name} must be a number {rule}, got {value!r}")
+        if not math.isfinite(value) or not accepts(value):
+            raise OptionError(f"{name} must be {rule}, got {value!r}")
+    if not isinstance(config.max_steps, int) or config.max_steps == 0 or config.max_steps < -1:
+        raise OptionError(f"max_steps must be a positive integer (or -1 for epochs), got {config.max_steps!r}")
 
 
 def _accelerator_available() -> bool:
@@ -41,7 +86,11 @@ class PolicyOptimizationConfig(GRPOConfig):
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not _accelerator_available():
             self.bf16 = False
-        super().__post_init__()
+        check_field_ranges(self)
+        try:
+            super().__post_init__()
+        except (TypeError, ValueError) as exc:  # TRL's and transformers' own checks, as our error type
+            raise OptionError(f"invalid trainer setting: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
         if isinstance(self.methods, str):
             self.methods = [name.strip() for name in self.methods.split(",") if name.strip()]
         if isinstance(self.method_options, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import NoReturn
 
 
 class PORegistryError(Exception):
@@ -32,6 +33,20 @@ class HookError(PORegistryError, RuntimeError):
         self.plugin, self.hook, self.step = plugin, hook, step
         where = f" at step {step}" if step is not None else ""
         super().__init__(f"plugin {plugin!r}, hook {hook}{where}: {problem}")
+
+
+class UsageError(PORegistryError):
+    """Bad input to a ``po-registry`` command, found before anything is written: one line, exit code 2."""
+
+
+def fail(command: str, message: str) -> NoReturn:
+    raise UsageError(f"po-registry {command}: error: {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class CouplingWarning(UserWarning):

@@ -12,6 +12,9 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import signal
+import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,9 +22,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .errors import fail, first_line
 from .tasks import SingleTurn
-
-from .cli import _fail
 
 RUN_DEFAULTS: dict[str, Any] = {
     "method": ["grpo"],
@@ -80,43 +82,65 @@ def resolve_task(name: str):
     return get_task(name)
 
 
-def _read_dataset(path: str, longest_completion: int = 64) -> DatasetTask:
+def read_dataset(path: str, longest_completion: int = 64, command: str = "train") -> DatasetTask:
     file = Path(path)
     formats = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     if not file.is_file():
-        _fail("train", f"--dataset {path}: no such file")
+        fail(command, f"--dataset {path}: no such file")
     if file.suffix.lower() not in formats:
-        _fail("train", f"--dataset {path}: unsupported format {file.suffix!r}; use {', '.join(formats)}")
+        fail(command, f"--dataset {path}: unsupported format {file.suffix!r}; use {', '.join(formats)}")
+    if file.stat().st_size == 0:
+        fail(command, f"--dataset {path}: the file is empty")
     try:
         from datasets import load_dataset
 
         data = load_dataset(formats[file.suffix.lower()], data_files=str(file), split="train")
     except Exception as exc:
-        _fail("train", f"--dataset {path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        fail(command, f"--dataset {path}: cannot be read ({first_line(exc)})")
     missing = {"prompt", "answer"} - set(data.column_names)
     if missing:
-        _fail("train", f"--dataset {path}: missing column(s) {', '.join(sorted(missing))} "
+        fail(command, f"--dataset {path}: missing column(s) {', '.join(sorted(missing))} "
                        f"(has {', '.join(data.column_names)})")
+    for number, (prompt, answer) in enumerate(zip(data["prompt"], data["answer"]), start=1):
+        if isinstance(prompt, (list, dict)):
+            fail(command, f"--dataset {path}: row {number}: the prompt is a list of chat messages; this version "
+                          f"takes text prompts only")
+        if prompt is None or answer is None or not str(prompt).strip():
+            fail(command, f"--dataset {path}: row {number}: empty prompt or answer")
     rows = [(str(p), str(a)) for p, a in zip(data["prompt"], data["answer"])]
     if len(rows) < 10:
-        _fail("train", f"--dataset {path}: {len(rows)} rows; at least 10 are needed (a tenth is held out)")
+        fail(command, f"--dataset {path}: {len(rows)} rows; at least 10 are needed (a tenth is held out)")
     held_out = max(1, len(rows) // 10)
     longest = max(len(answer) for _, answer in rows)
     return DatasetTask(file.name, rows[:-held_out], rows[-held_out:], min(longest + 2, longest_completion))
 
 
 def _reward(spec: str, task):
+    """'exact', or a reward function as module:function (importable, or a module in the current directory) or
+    path/to/file.py:function."""
     if spec == "exact":
         return task.reward_function()
     if ":" not in spec:
-        _fail("train", f"--reward {spec!r}: use 'exact' or a Python function as module:function")
-    module_name, function_name = spec.split(":", 1)
+        fail("train", f"--reward {spec!r}: use 'exact' or a Python function as module:function or file.py:function")
+    module_name, function_name = spec.rsplit(":", 1)
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        fail("train", f"--reward {spec!r}: no such file {module_name}")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
+        if module_name.endswith(".py"):
+            location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(location)
+            location.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:  # console scripts do not see the cwd
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+        function = getattr(module, function_name)
     except (ImportError, AttributeError) as exc:
-        _fail("train", f"--reward {spec!r}: {type(exc).__name__}: {exc}")
+        fail("train", f"--reward {spec!r}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # the module itself fails to run
+        fail("train", f"--reward {spec!r}: importing it raised {first_line(exc)}")
     if not callable(function):
-        _fail("train", f"--reward {spec!r} is not callable")
+        fail("train", f"--reward {spec!r} is not callable")
     return function
 
 
@@ -133,20 +157,19 @@ def load_model(model: str | None, task, command: str = "train"):
     elif model.lower().endswith(".gguf"):
         file = Path(model)
         if not file.is_file():
-            _fail(command, f"--model {model}: no such file")
+            fail(command, f"--model {model}: no such file")
         if importlib.util.find_spec("gguf") is None:
-            _fail(command, "--model: reading a GGUF file needs the 'gguf' package (pip install gguf)")
+            fail(command, "--model: reading a GGUF file needs the 'gguf' package (pip install gguf)")
         location, kwargs = file.parent, {"gguf_file": file.name}
     else:
         location = Path(model)
         if not (location / "config.json").is_file():
-            _fail(command, f"--model {model}: not a model directory (no config.json)")
+            fail(command, f"--model {model}: not a model directory (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     except Exception as exc:
-        _fail(command, f"--model {model or location}: cannot be loaded ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        fail(command, f"--model {model or location}: cannot be loaded ({first_line(exc)})")
     if getattr(loaded.config, "quantization_config", None) is not None and kwargs:  # GGUF: de-quantised weights
         del loaded.config.quantization_config
         loaded.hf_quantizer = None
@@ -191,68 +214,146 @@ def _trainer_fields() -> dict[str, Any]:
     return fields
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _check_type(source, key: str, value: Any, default: Any) -> Any:
-    """A YAML value must have the type of the field's default (ints are accepted for floats)."""
+    """A YAML value must have the type of the field's default (ints are accepted for floats, and so are numeric
+    strings: PyYAML reads ``1e-4`` as a string)."""
     if default is None or value is None or isinstance(default, (list, dict)):
         return value
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str) and _number(value) is not None:
+        return _number(value)
     if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
         return value
-    _fail("train", f"{source}: {key} must be {expected.__name__}, got {value!r}")
+    fail("train", f"{source}: {key} must be {expected.__name__}, got {value!r}")
 
 
-def resolve_settings(args) -> tuple[dict, dict, dict]:
-    """(run settings, trainer overrides, method options): defaults < saved run (--resume) < --config < flags."""
+def _check_run_value(source: str, key: str, value: Any) -> Any:
+    """A run setting from YAML or a flag, with its type and range; returns it normalised."""
+    if key == "method":
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            fail("train", f"{source}: method must be a name or a list of names, got {value!r}")
+        return [n.strip() for name in names for n in name.split(",") if n.strip()]
+    if key in ("lora_r", "steps", "eval_every", "eval_size"):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail("train", f"{source}: {key} must be a positive integer, got {value!r}")
+    elif key == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("train", f"{source}: seed must be an integer, got {value!r}")
+    elif key == "learning_rate" and value is not None:
+        number = _number(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < float("inf"):
+            fail("train", f"{source}: learning_rate must be a positive number, got {value!r}")
+        return float(number)
+    elif key == "no_lora":
+        if not isinstance(value, bool):
+            fail("train", f"{source}: no_lora must be true or false, got {value!r}")
+    elif value is not None and not isinstance(value, str):
+        fail("train", f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+# What a run is: resuming it with another of these would train a different run on its checkpoint.
+RUN_IDENTITY = ("method", "model", "task", "dataset", "reward", "lora_r", "no_lora")
+FLAGS = {"method": "--method", "model": "--model", "task": "--task", "dataset": "--dataset", "reward": "--reward",
+         "lora_r": "--lora-r", "no_lora": "--no-lora"}
+
+
+def _read_yaml(source: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        fail("train", f"{source}: invalid YAML ({str(exc).splitlines()[0]})")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail("train", f"{source}: cannot be read ({first_line(exc)})")
+    if not isinstance(data, dict):
+        fail("train", f"{source}: expected a mapping of option names to values")
+    return data
+
+
+def _settings_from(source: Path, fields: dict) -> tuple[dict, dict, dict]:
+    """(run settings, trainer overrides, method options) that one YAML file sets."""
     from .errors import closest
 
-    run, trainer, options = dict(RUN_DEFAULTS), {}, {}
-    sources = []
-    if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            _fail("train", f"--resume {args.resume}: not a run directory (no config.yaml)")
-        sources.append(saved)
-    if args.config:
-        if not Path(args.config).is_file():
-            _fail("train", f"--config {args.config}: no such file")
-        sources.append(Path(args.config))
-    fields = _trainer_fields()
-    for source in sources:
-        import yaml
+    run, trainer, options = {}, {}, {}
+    for key, value in _read_yaml(source).items():
+        key = str(key).replace("-", "_")
+        if key in ("method_options", "options"):
+            if not isinstance(value, dict):
+                fail("train", f"{source}: {key} must be a mapping")
+            options.update(value)
+        elif key in ("method", "methods"):
+            run["method"] = _check_run_value(str(source), "method", value)
+        elif key == "output_dir":
+            fail("train", f"{source}: output_dir is chosen with --output-dir, not in the file")
+        elif key in RUN_DEFAULTS:
+            run[key] = _check_run_value(str(source), key, value)
+        elif key in fields:
+            trainer[key] = _check_type(source, key, value, fields[key])
+        else:
+            known = list(RUN_DEFAULTS) + sorted(fields)
+            fail("train", f"{source}: unknown setting {key!r}.{closest(key, known)}")
+    return run, trainer, options
 
-        try:
-            data = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as exc:
-            _fail("train", f"{source}: invalid YAML ({str(exc).splitlines()[0]})")
-        if not isinstance(data, dict):
-            _fail("train", f"{source}: expected a mapping of option names to values")
-        for key, value in data.items():
-            key = str(key).replace("-", "_")
-            if key in ("method_options", "options"):
-                if not isinstance(value, dict):
-                    _fail("train", f"{source}: {key} must be a mapping")
-                options.update(value)
-            elif key in ("method", "methods"):
-                run["method"] = value if isinstance(value, list) else [value]
-            elif key in RUN_DEFAULTS:
-                run[key] = value
-            elif key in fields:
-                trainer[key] = _check_type(source, key, value, fields[key])
-            else:
-                known = list(RUN_DEFAULTS) + sorted(fields)
-                _fail("train", f"{source}: unknown setting {key!r}.{closest(key, known)}")
+
+def _flag_settings(args) -> dict:
+    """The run settings given as flags on this command line."""
+    run = {}
     for key in RUN_DEFAULTS:
         value = getattr(args, key, None)
         if key == "method" and value:
-            run["method"] = [name.strip() for item in value for name in item.split(",") if name.strip()]
-        elif key == "no_lora" and value:
-            run["no_lora"] = True
-        elif key not in ("method", "no_lora") and value is not None:
+            run["method"] = _check_run_value("--method", "method", value)
+        elif key == "no_lora":
+            if value:
+                run["no_lora"] = True
+        elif key != "method" and value is not None:
             run[key] = value
     if args.lora_r is not None:
         run["no_lora"] = False
+    return run
+
+
+def resolve_settings(args) -> tuple[dict, dict, dict]:
+    """(run settings, trainer overrides, method options): defaults < saved run (--resume) < --config < flags.
+
+    Resuming keeps what the run is (its method, model, task, data, reward, LoRA): another value is refused."""
+    fields = _trainer_fields()
+    run, trainer, options = dict(RUN_DEFAULTS), {}, {}
+    if args.resume:
+        if args.output_dir:
+            fail("train", "--resume continues a run in its own directory; --output-dir cannot be given with it")
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            fail("train", f"--resume {args.resume}: not a run directory (no config.yaml)")
+        for part, values in zip((run, trainer, options), _settings_from(saved, fields)):
+            part.update(values)
+    explicit_run, explicit_trainer, explicit_options = ({}, {}, {})
+    if args.config:
+        if not Path(args.config).is_file():
+            fail("train", f"--config {args.config}: no such file")
+        explicit_run, explicit_trainer, explicit_options = _settings_from(Path(args.config), fields)
+    explicit_run.update(_flag_settings(args))
+    if args.resume:
+        for key in RUN_IDENTITY:
+            if key in explicit_run and explicit_run[key] != run[key]:
+                saved, given = (",".join(v) if isinstance(v, list) else v for v in (run[key], explicit_run[key]))
+                fail("train", f"--resume {args.resume}: the run was trained with {key} {saved}; "
+                              f"{FLAGS[key]} {given} would change it (resume without it, or start a "
+                              f"new run with --output-dir)")
+    run.update(explicit_run)
+    trainer.update(explicit_trainer)
+    options.update(explicit_options)
     options.update(dict(args.option or []))
     return run, trainer, options
 
@@ -279,25 +380,26 @@ def train(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         resume_from = _last_checkpoint(run_dir)
-        if resume_from is None:
-            _fail("train", f"--resume {args.resume}: no checkpoint to resume from in {run_dir / 'checkpoints'}")
+        if resume_from is None:  # stopped before its first checkpoint: nothing was trained, start it again
+            print(f"{run_dir}: no checkpoint yet; training the run from step 0 with its saved settings")
+            for leftover in ("metrics.jsonl", "summary.json"):
+                (run_dir / leftover).unlink(missing_ok=True)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(run["output_dir"] or f"runs/{run['task']}-{'+'.join(run['method'])}-{stamp}")
         if (run_dir / "config.yaml").exists():
-            _fail("train", f"--output-dir {run_dir} already holds a run; choose another or --resume it")
-    for key in ("steps", "eval_every", "eval_size", "lora_r"):
-        if not isinstance(run[key], int) or isinstance(run[key], bool) or run[key] <= 0:
-            _fail("train", f"{key.replace('_', '-')} must be a positive integer, got {run[key]!r}")
+            fail("train", f"--output-dir {run_dir} already holds a run; choose another or --resume it")
+        if run_dir.exists() and not run_dir.is_dir():
+            fail("train", f"--output-dir {run_dir} is a file")
 
     try:
-        task = _read_dataset(run["dataset"]) if run["dataset"] else resolve_task(run["task"])
         embedded_task = resolve_task(run["task"])
     except PORegistryError as exc:
-        _fail("train", str(exc))
+        fail("train", str(exc))
+    task = read_dataset(run["dataset"]) if run["dataset"] else embedded_task
     reward = _reward(run["reward"], task)
     use_lora = not run["no_lora"]
-    learning_rate = run["learning_rate"] or (5e-4 if use_lora else 5e-5)
+    learning_rate = run["learning_rate"] if run["learning_rate"] is not None else (5e-4 if use_lora else 5e-5)
     settings = {
         **TRAINER_DEFAULTS,
         "max_completion_length": task.max_completion_length,
@@ -315,19 +417,52 @@ def train(args) -> int:
     try:
         config = PolicyOptimizationConfig(**settings)
     except PORegistryError as exc:
-        _fail("train", str(exc))
+        fail("train", str(exc))
     except (TypeError, ValueError) as exc:
-        _fail("train", f"invalid trainer setting: {str(exc).splitlines()[0]}")
+        fail("train", f"invalid trainer setting: {first_line(exc)}")
 
     model, tokenizer = load_model(run["model"], embedded_task if run["model"] is None else task)
     # Everything is valid: from here on the run directory is written.
-    run_dir.mkdir(parents=True, exist_ok=True)
+    written = _RunDirectory(run_dir)
     # The settings that reproduce the run; values derived from them (max_steps, save_steps, ...) are left out
     # so that flags given with --resume or --config still apply.
     resolved = {**{k: v for k, v in run.items() if k != "output_dir"}, "learning_rate": learning_rate,
                 **TRAINER_DEFAULTS, **trainer_overrides, "method_options": config.method_options}
     _write_yaml(run_dir / "config.yaml", resolved)
-    return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from)
+    try:
+        return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from)
+    except BaseException as exc:
+        if _last_checkpoint(run_dir) is None:
+            written.remove()  # nothing was trained: leave nothing behind
+            where = "nothing was written"
+        else:
+            where = f"its last checkpoint is kept: po-registry train --resume {run_dir}"
+        if isinstance(exc, PORegistryError):
+            fail("train", f"{exc} ({where})")
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"\ninterrupted; {where}", file=sys.stderr)
+            return 130
+        print(f"po-registry train: the run failed ({first_line(exc)}); {where}", file=sys.stderr)
+        raise
+
+
+class _RunDirectory:
+    """The run directory as this command found it, so that a run which trained nothing can leave nothing."""
+
+    def __init__(self, path: Path):
+        self.path, self.existed = path, path.exists()
+        self.before = {p.name for p in path.iterdir()} if self.existed else set()
+        path.mkdir(parents=True, exist_ok=True)
+
+    def remove(self) -> None:
+        import shutil
+
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for entry in self.path.iterdir():
+            if entry.name not in self.before:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _write_yaml(path: Path, data: dict) -> None:
@@ -359,7 +494,9 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
                                         peft_config=peft_config, callbacks=[progress],
                                         rollout_func=task.rollout_function())
     trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with StopOnSignal() as stop:
+        trainer.add_callback(stop)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = progress.accuracy
     target = run_dir / ("adapter" if use_lora else "model")
     trainer.save_model(str(target))
@@ -367,12 +504,47 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
     summary = {"task": task.name, "methods": config.methods, "steps": trainer.state.global_step,
                "accuracy_before": before, "accuracy_after": after, "seconds": round(elapsed, 1),
                "lora": use_lora, "saved": target.name}
+    if stop.requested:
+        summary["interrupted"] = stop.requested
     summary_path.write_text(json.dumps(summary, indent=2))
     plot(run_dir / "metrics.jsonl", run_dir / "plot.png", title=f"{task.name} - {'+'.join(config.methods)}")
+    if stop.requested:
+        print(f"stopped by {stop.requested} at step {trainer.state.global_step} of {config.max_steps}; checkpoint "
+              f"saved. Continue with: po-registry train --resume {run_dir}", file=sys.stderr)
+        return 130
     print(f"{task.name}: {task.metric} {before:.1%} -> {after:.1%} ({100 * (after - before):+.1f} points) in "
           f"{trainer.state.global_step} steps, {elapsed:.0f} s")
     print(f"wrote {run_dir}/: {target.name}/, metrics.jsonl, plot.png, config.yaml, summary.json")
     return 0
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C or SIGTERM: finish the current step, save a checkpoint and stop; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested is not None:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class LiveProgress(TrainerCallback):

@@ -81,9 +81,11 @@ def test_bad_yaml_and_resume(capsys, tmp_path):
     assert code == 2 and err.count("\n") == 1
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "not a run directory (no config.yaml)" in err
-    (tmp_path / "config.yaml").write_text("steps: 5\n")
-    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path))
-    assert code == 2 and "no checkpoint to resume from" in err
+    # Settings but no checkpoint (killed before its first one): nothing was trained, so it trains from step 0.
+    (tmp_path / "config.yaml").write_text("steps: 1\neval_every: 1\neval_size: 8\n")
+    code, out, err = run_cli(capsys, "train", "--resume", str(tmp_path))
+    assert code == 0 and "no checkpoint yet; training the run from step 0" in out, err
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 1
 
 
 def test_plugins_methods_explain_tasks(capsys):
