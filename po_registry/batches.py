@@ -45,8 +45,9 @@ class RewardBatch:
     log_metric: Callable[[str, float], None] = _ignore_metric
     # (B, T) -> (N, T): concatenate this process's rows with every other process's, padding T to the longest.
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    # (N,) weighted reward of one greedy (temperature 0) completion of each row's prompt, no gradient; generated
-    # and scored on first call (a baseline, as in ReMax). NaN where every reward function returned None.
+    # (N,) weighted reward of one greedy (temperature 0) completion of each row's prompt, no gradient; generated,
+    # scored and shaped (the same po_shape_rewards fold as the samples) on first call (a baseline, as in ReMax).
+    # NaN where every reward function returned None and no shaping scored it.
     greedy_rewards: Callable[[], torch.Tensor] | None = None
 
     @property
@@ -136,6 +137,17 @@ class LossBatch:
         if self.training:  # the count spans the generation batch, split over steps_per_generation micro-batches
             tokens = tokens * self.accumulation_steps / self.steps_per_generation
         return tokens
+
+    def token_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This process's share of the mean of ``x`` over the ``mask`` tokens of this micro-batch on every process,
+        with gradient: sum_local(x mask) * P / sum_all(mask). Averaged over the P processes (as DDP averages
+        gradients) it is the token mean of the whole micro-batch, the same on 2 processes as on 1."""
+        return self.mean_over_processes(masked_sum(x, mask), mask.sum())
+
+    def mean_over_processes(self, local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+        """:meth:`token_mean` from this process's sum and count: local_sum * P / (sum of the counts)."""
+        count = self.reduce_sum(local_count.detach().float().reshape(()))
+        return local_sum * self.num_processes / count.clamp(min=1.0)
 
     def global_masked_mean(self, x: torch.Tensor) -> float:
         """Mean of ``x`` over loss tokens of all processes; a (B, 1) tensor counts once per row."""

@@ -7,6 +7,7 @@ Shapes: ``B`` rows (completions), ``T`` completion tokens, ``N`` rows of the glo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "group_mean",
     "group_std",
     "group_normalize",
+    "high_entropy_mask",
     "kl_estimate",
     "last_token_index",
     "masked_mean",
@@ -153,21 +155,24 @@ def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float | torch.Tensor = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the masked tokens of each row (Schulman et al. 2015).
+    """Generalised advantage estimation over the masked-in (action) tokens of each row (Schulman et al. 2015).
 
-    delta_t = r_t + gamma V_{t+1} - V_t (V after the last token is 0), A_t = sum_l (gamma lam)^l delta_{t+l};
-    returns (advantages, returns = advantages + values), both 0 outside the mask. Rows are right-padded.
-    ``lam`` is one value or one per row (N,) (VAPO's length-adaptive lambda)."""
+    delta_t = r_t + gamma V_next - V_t and A_t = delta_t + gamma lam A_next, where *next* is the row's next
+    masked-in token: a masked position inside a row (environment tokens between two turns) is skipped, not an end of
+    the episode, and is no step of the discount; only the end of the row ends it (V after its last action token is
+    0). Returns (advantages, returns = advantages + values), both 0 outside the mask; rewards and values on masked
+    positions are not read. ``lam`` is one value or one per row (N,) (VAPO's length-adaptive lambda)."""
+    action = mask.bool()
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    next_value = torch.zeros_like(rewards[:, 0])
+    running = torch.zeros_like(rewards[:, 0])  # A of the next action token
+    next_value = torch.zeros_like(rewards[:, 0])  # V of the next action token
     for t in range(rewards.shape[1] - 1, -1, -1):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        running = running * mask[:, t]  # padding carries nothing back
-        advantages[:, t] = running
-        next_value = values[:, t]
+        here = action[:, t]
+        running = torch.where(here, delta + gamma * lam * running, running)  # a hole passes A_next through
+        next_value = torch.where(here, values[:, t], next_value)
+        advantages[:, t] = running * mask[:, t]
     return advantages, (advantages + values) * mask
 
 
@@ -246,3 +251,20 @@ def aggregate(
     else:
         raise ValueError(f"unknown aggregation mode {mode!r}")
     return loss / accumulation_steps
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_fraction: float,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The 80/20 rule as TRL's ``top_entropy_quantile``: (B, T) mask (``mask``'s dtype) of the loss tokens whose
+    entropy is at least the (1 - ``top_fraction``) quantile of the entropies of all loss tokens.
+
+    ``gather`` concatenates 1-D tensors of every process (the quantile is then global); ``top_fraction`` >= 1 keeps
+    every loss token without a quantile (and without a collective call); no loss token anywhere gives all zeros."""
+    if top_fraction >= 1.0:
+        return mask.clone()
+    values = entropies[mask.bool()].float()
+    values = gather(values) if gather is not None else values
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1.0 - top_fraction)
+    return ((entropies >= threshold) & mask.bool()).to(mask.dtype)

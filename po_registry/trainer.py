@@ -9,6 +9,7 @@ rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_sav
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -108,16 +109,13 @@ class PolicyOptimizationTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         device, mode = rewards.device, self._mode()
-        stop_ids = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)
-        truncated = torch.tensor([int(not ids or ids[-1] not in stop_ids) for ids in completion_ids_list],
-                                 device=device)
+        lengths, truncated = self._lengths_and_truncation(completion_ids_list, device)
         batch = RewardBatch(
             reward_names=list(self.reward_func_names),
             reward_weights=self.reward_weights.to(device),
             group_size=self.num_generations if mode == "train" else self.num_generations_eval,
-            completion_lengths=self.accelerator.gather(lengths),
-            truncated=self.accelerator.gather(truncated).bool(),
+            completion_lengths=lengths,
+            truncated=truncated,
             max_completion_length=self.max_completion_length,
             options=self.po_options,
             args=self.args,
@@ -132,6 +130,14 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         rewards = self.po_pipeline.shape_rewards(rewards, batch)
         self._po_rewards = (rewards, batch)
         return rewards
+
+    def _lengths_and_truncation(self, completion_ids_list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) completion lengths and (N,) truncation flags (no stop token at the end), gathered over processes."""
+        stop_ids = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)
+        truncated = torch.tensor([int(not ids or ids[-1] not in stop_ids) for ids in completion_ids_list],
+                                 device=device)
+        return self.accelerator.gather(lengths), self.accelerator.gather(truncated).bool()
 
     def _generate_and_score_completions(self, inputs):
         out, kept_groups = self._score_round(inputs)
@@ -190,7 +196,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
 
     def _greedy_rewards(self, inputs, out, batch: RewardBatch) -> torch.Tensor:
         """(N,) weighted reward of a greedy completion of each row's prompt: one decode per distinct prompt on
-        this process (a prompt's G rows are adjacent), scored by the reward functions, gathered."""
+        this process (a prompt's G rows are adjacent), scored by the reward functions and shaped by the same
+        po_shape_rewards fold as the samples (with the greedy completions' own lengths and truncation), gathered."""
         if self.use_vllm:
             raise NotImplementedError("greedy baselines are decoded with transformers; they are not available "
                                       "with use_vllm=True")
@@ -215,7 +222,13 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             completions = texts
         prompt_texts = [row["prompt"] for row in inputs]
         rewards = GRPOTrainer._calculate_rewards(self, inputs, prompt_texts, completions, completion_ids)
-        return batch.weighted_reward(rewards)
+        lengths, truncated = self._lengths_and_truncation(completion_ids, rewards.device)
+        # The samples' shaping batch as it was before the advantage stage filled in the rollout; the greedy rows'
+        # shaping metrics are not logged (they describe the samples).
+        greedy_batch = dataclasses.replace(batch, completion_lengths=lengths, truncated=truncated, local={}, rows=[],
+                                           completion_mask=None, token_rewards=None, policy_logps=None,
+                                           greedy_rewards=None, log_metric=lambda name, value: None)
+        return batch.weighted_reward(self.po_pipeline.shape_rewards(rewards, greedy_batch))
 
     def _refill(self, inputs, out, kept_groups, rounds: int):
         """Dynamic sampling: replace dropped groups with groups of fresh prompts until every process has a full

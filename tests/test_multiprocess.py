@@ -45,5 +45,7 @@ def test_reward_side_methods_use_the_whole_batch_on_two_processes(tmp_path):
             tokens = advantages[mask.bool()]
             assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5), method
             assert tokens.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3), method
+        if method == "ppo":  # the critic's fresh head is the main process's on both (broadcast at set-up)
+            assert torch.equal(torch.tensor(first[0]["critic"]), torch.tensor(second[0]["critic"]))
         if method == "rloo":  # leave-one-out advantages sum to zero within each group
             assert advantages.view(-1, 4).sum(dim=1).abs().max().item() < 1e-5

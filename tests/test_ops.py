@@ -183,6 +183,66 @@ def test_gae_with_lambda_one_is_the_monte_carlo_return_minus_the_value():
     assert torch.allclose(advantages, 1.0 - values)
 
 
+def test_gae_flows_through_an_environment_hole_to_the_final_reward():
+    """Two turns, environment tokens masked between them: gamma = lambda = 1, so every action token's advantage is
+    the episode return minus its value, A_t = 1 - V_t: [1 - 0.1, 1 - 0.2, 1 - 0.5, 1 - 0.6]; its target is 1."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert advantages[0].tolist() == pytest.approx([0.9, 0.8, 0.0, 0.0, 0.5, 0.4])
+    assert returns[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+
+
+def test_gae_skips_holes_by_hand_with_discount_and_lambda():
+    """mask [1, 0, 1, 1], gamma 0.9, lambda 0.5 (gamma lambda = 0.45); the hole's reward 9 and value 7 are not read.
+    Action tokens: r = [0.5, 0, 1], V = [0.2, 0.4, 0.5]; the hole is no step of the discount:
+      delta_2 = 1 - 0.5 = 0.5                      A_2 = 0.5
+      delta_1 = 0 + 0.9 * 0.5 - 0.4 = 0.05         A_1 = 0.05 + 0.45 * 0.5 = 0.275
+      delta_0 = 0.5 + 0.9 * 0.4 - 0.2 = 0.66       A_0 = 0.66 + 0.45 * 0.275 = 0.78375
+    returns A + V = [0.98375, 0, 0.675, 1.0]."""
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    advantages, returns = gae(torch.tensor([[0.5, 9.0, 0.0, 1.0]]), torch.tensor([[0.2, 7.0, 0.4, 0.5]]), mask,
+                              gamma=0.9, lam=0.5)
+    assert advantages[0].tolist() == pytest.approx([0.78375, 0.0, 0.275, 0.5])
+    assert returns[0].tolist() == pytest.approx([0.98375, 0.0, 0.675, 1.0])
+
+
+HOLE_MASKS = torch.tensor([
+    [1, 1, 0, 0, 1, 1, 0, 0],  # two turns, then padding
+    [1, 0, 1, 0, 1, 0, 1, 0],  # a hole after every action token
+    [0, 0, 1, 1, 1, 0, 1, 1],  # starts with environment tokens
+    [0, 0, 0, 0, 0, 0, 0, 0],  # fully masked
+    [1, 0, 0, 0, 0, 0, 0, 0],  # length 1
+    [0, 0, 0, 0, 1, 0, 0, 0],  # one action token between holes
+    [1, 1, 1, 1, 1, 1, 1, 1],  # no hole
+], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (1.0, 0.95), (0.9, 0.5), (0.99, 0.0), (0.8, "per-row")])
+def test_gae_with_holes_equals_textbook_gae_on_the_compacted_action_tokens(gamma, lam):
+    generator = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(HOLE_MASKS.shape, generator=generator), torch.randn(HOLE_MASKS.shape,
+                                                                                      generator=generator)
+    row_lams = torch.linspace(0.0, 1.0, HOLE_MASKS.shape[0])
+    advantages, returns = gae(rewards, values, HOLE_MASKS, gamma, row_lams if lam == "per-row" else lam)
+    for row, row_mask in enumerate(HOLE_MASKS.bool()):
+        kept = row_mask.nonzero().squeeze(1)
+        row_lam = row_lams[row].item() if lam == "per-row" else lam
+        expected = _gae_reference(rewards[row, kept].tolist(), values[row, kept].tolist(), gamma, row_lam)
+        assert advantages[row, kept].tolist() == pytest.approx(expected, abs=1e-5)
+        expected_returns = [a + v for a, v in zip(expected, values[row, kept].tolist())]
+        assert returns[row, kept].tolist() == pytest.approx(expected_returns, abs=1e-5)
+        assert (advantages[row][~row_mask] == 0).all() and (returns[row][~row_mask] == 0).all()
+
+
+def test_gae_of_a_length_one_row_and_a_fully_masked_row():
+    advantages, returns = gae(torch.tensor([[2.0, 5.0], [3.0, 4.0]]), torch.tensor([[0.5, 1.0], [1.0, 1.0]]),
+                              torch.tensor([[1.0, 0.0], [0.0, 0.0]]), gamma=0.9, lam=0.5)
+    assert advantages.tolist() == [[1.5, 0.0], [0.0, 0.0]]  # A = r - V = 2 - 0.5 with nothing after it
+    assert returns.tolist() == [[2.0, 0.0], [0.0, 0.0]]
+
+
 def test_clip_regions_are_where_the_clip_binds():
     ratio = torch.tensor([0.7, 0.8, 1.3, 1.3, 0.7])
     advantages = torch.tensor([-1.0, -1.0, 1.0, -1.0, 1.0])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..hookspecs import hookimpl
-from ..ops import aggregate, clip_regions, clipped_surrogate, group_mean, group_std, kl_estimate, masked_mean, nanstd
+from ..ops import aggregate, clip_regions, clipped_surrogate, group_mean, group_std, high_entropy_mask, kl_estimate
+from ..ops import masked_mean, nanstd
 from ..ops import sequence_log_ratio
 
 STD_EPS = 1e-4  # TRL's divisor guard: A = (R - mean) / (std + 1e-4)
@@ -115,11 +116,7 @@ class EntropyMask:
         quantile = batch.args.top_entropy_quantile
         if quantile >= 1.0:
             return None
-        values = batch.gather_ragged(batch.entropies[batch.mask.bool()].float())
-        if values.numel() == 0:
-            return torch.zeros_like(batch.mask)
-        threshold = torch.quantile(values, 1.0 - quantile)
-        return ((batch.entropies * batch.mask >= threshold) & batch.mask.bool()).to(batch.mask.dtype)
+        return high_entropy_mask(batch.entropies, batch.mask, quantile, batch.gather_ragged)
 
 
 class OffPolicyMask:
@@ -149,7 +146,11 @@ class SamplerCorrection:
 
 
 class ReferenceKL:
-    """beta * k3 KL to the reference per token; times the importance weight with ``use_bias_correction_kl``."""
+    """beta * k3 KL to the reference per token; times the importance weight with ``use_bias_correction_kl``.
+
+    Kept as TRL computes it (parity). Its gradient, in the loss on samples of pi_old: with the correction (TRL's
+    default), grad (k3 pi_theta/pi_old) averages to grad KL(pi_theta || pi_ref), the reverse KL; without it (on-policy),
+    grad k3 = (1 - pi_ref/pi_theta) grad log pi_theta averages to grad KL(pi_ref || pi_theta), the forward KL."""
 
     @hookimpl
     def po_token_penalty(self, batch, log_weights):
@@ -163,8 +164,15 @@ class ReferenceKL:
         return beta * kl
 
 
+# Options of entropy masks (plugins) whose kept tokens the entropy bonus acts on, as TRL's bonus acts on the tokens
+# its top_entropy_quantile keeps: option name -> the fraction of loss tokens kept.
+ENTROPY_MASK_OPTIONS = ("entropy_top_quantile",)  # plugins/entropy: high-entropy-tokens
+
+
 class EntropyBonus:
-    """Static entropy bonus: loss -= entropy_coef * mean token entropy."""
+    """Static entropy bonus: loss -= entropy_coef * mean entropy over the tokens the entropy masks keep (TRL 1.16:
+    the loss mask times the ``top_entropy_quantile`` mask; a high-entropy-tokens plugin's mask counts the same way).
+    """
 
     @hookimpl
     def po_check_config(self, args):
@@ -176,7 +184,13 @@ class EntropyBonus:
         coef = batch.args.entropy_coef
         if coef == 0.0:
             return None
-        return -coef * masked_mean(batch.entropies, batch.mask)
+        fractions = [batch.args.top_entropy_quantile, *(batch.options[name] for name in ENTROPY_MASK_OPTIONS
+                                                         if name in batch.options)]
+        acting = batch.mask
+        for fraction in fractions:
+            if fraction < 1.0:
+                acting = acting * high_entropy_mask(batch.entropies, batch.mask, fraction, batch.gather_ragged)
+        return -coef * masked_mean(batch.entropies, acting)
 
 
 AGGREGATION_BY_LOSS_TYPE = {

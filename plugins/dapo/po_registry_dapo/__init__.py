@@ -77,13 +77,32 @@ class OverlongReward:
                  help="L_cache as a fraction of max_completion_length, in (0, 1)")
 
     @hookimpl
+    def po_check_config(self, args):
+        if args.reward_weights is not None and not any(args.reward_weights):
+            raise ValueError("overlong-reward adds its penalty to the weighted reward, which all-zero reward_weights "
+                             f"{list(args.reward_weights)} make 0 whatever the rewards; give a reward a weight")
+
+    @hookimpl
     def po_shape_rewards(self, rewards, batch):
         cache = max(1, round(batch.options["overlong_cache_fraction"] * batch.max_completion_length))
         penalty = soft_overlong_penalty(batch.completion_lengths, batch.max_completion_length, cache)
         batch.log_metric("overlong/penalty_mean", penalty.mean().item())
-        # Spread over the columns so that the weighted total reward changes by exactly R_len.
-        weights = batch.reward_weights.to(rewards.device)
-        return rewards + penalty.to(rewards.dtype).unsqueeze(1) * weights / (weights**2).sum()
+        return add_to_weighted_reward(rewards, batch.reward_weights.to(rewards.device), penalty.to(rewards.dtype))
+
+
+def add_to_weighted_reward(rewards: torch.Tensor, weights: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """(N, K) rewards whose NaN-ignoring weighted sum sum_k w_k r_k is larger by ``bonus`` (N,) on every row, as if
+    the bonus were one more reward function of weight 1 (TRL's soft overlong punishment is one). The bonus is spread
+    over the scored columns in proportion to their weights (unscored ones stay NaN); a row no reward function scored
+    gets it over all weighted columns, so that, as in TRL's nansum, its reward is the bonus alone."""
+    weighted = (weights != 0).unsqueeze(0)
+    carriers = ~torch.isnan(rewards) & weighted
+    none = ~carriers.any(dim=1, keepdim=True)
+    carriers = carriers | (none & weighted)
+    share = carriers * weights.unsqueeze(0)
+    share = share / (share * weights.unsqueeze(0)).sum(dim=1, keepdim=True)
+    base = torch.where(none & weighted, rewards.nan_to_num(0.0), rewards)
+    return torch.where(carriers, base + bonus.unsqueeze(1) * share, base)
 
 
 class DynamicSampling:

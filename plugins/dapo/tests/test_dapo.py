@@ -49,6 +49,40 @@ def test_overlong_reward_changes_the_weighted_total_by_the_penalty(po_reward_bat
     assert torch.allclose(delta, torch.tensor([0.0, -0.2, -0.6, -1.0]))
 
 
+@pytest.mark.parametrize("weights, totals", [
+    # R = nansum_k w_k r_k + R_len, TRL's sum with the soft punishment as one more reward function (weight 1).
+    # L_max 10, L_cache 5: R_len(10) = -1, R_len(8) = (5 - 8) / 5 = -0.6, R_len(5) = 0, R_len(9) = -0.8.
+    ([1.0, 1.0], [0.5 - 1.0, 0.0 - 0.6, 0.5 + 0.25 + 0.0, 1.0 - 0.8]),  # before: 0.0, NaN (unscored), 0.75, 0.6
+    ([1.0, 3.0], [0.5 - 1.0, 0.0 - 0.6, 0.5 + 0.75 + 0.0, 3.0 - 0.8]),
+])
+def test_overlong_penalty_survives_a_missing_reward(po_reward_batch, weights, totals):
+    from po_registry_dapo import OverlongReward
+    from trl.rewards import get_soft_overlong_punishment
+
+    nan = float("nan")
+    rewards = torch.tensor([[0.5, nan], [nan, nan], [0.5, 0.25], [nan, 1.0]])  # None -> NaN, TRL's convention
+    _, batch = po_reward_batch(group_size=2, num_groups=2, num_rewards=2, width=10, rewards=rewards,
+                               options={"overlong_cache_fraction": 0.5})
+    batch.reward_weights = torch.tensor(weights)
+    batch.completion_lengths = torch.tensor([10, 8, 5, 9])
+    shaped = OverlongReward().po_shape_rewards(rewards, batch)
+    assert torch.allclose(batch.weighted_reward(shaped), torch.tensor(totals), atol=1e-6)
+    assert torch.isnan(shaped[0, 1]) and torch.isnan(shaped[3, 0])  # a column that scored nothing stays unscored
+    punishment = get_soft_overlong_punishment(max_completion_len=10, soft_punish_cache=5)
+    trl_columns = torch.cat([rewards * torch.tensor(weights),
+                             torch.tensor(punishment(completion_ids=[[7] * n for n in (10, 8, 5, 9)])).unsqueeze(1)],
+                            dim=1)
+    assert torch.allclose(batch.weighted_reward(shaped), trl_columns.nansum(dim=1), atol=1e-6)
+
+
+def test_all_zero_reward_weights_are_refused_with_overlong_reward():
+    from po_registry.errors import OptionError
+    from po_registry.testing import default_args
+
+    with pytest.raises(OptionError, match="overlong-reward.*reward_weights"):
+        default_args(["overlong-reward"], reward_weights=[0.0]).resolve()
+
+
 def test_dynamic_sampling_keeps_groups_with_signal(po_reward_batch):
     rewards = torch.tensor([[1.0], [1.0], [0.0], [1.0], [0.0], [0.0], [float("nan")], [1.0]])
     _, batch = po_reward_batch(group_size=2, num_groups=4, rewards=rewards)

@@ -4,14 +4,16 @@
   tokens whose entropy is in the top rho quantile (the "forking" tokens), quantile over all processes.
 - ``clip-cov`` and ``kl-cov`` (Cui et al. 2025, arXiv 2505.22617): entropy change follows
   -Cov(log pi(a|s), A(s, a)); with Cov_t = (log pi_t - mean(log pi)) (A_t - mean(A)) over the loss tokens,
-  Clip-Cov removes the gradient of a random fraction of tokens whose covariance lies in [lower, upper], and KL-Cov
-  adds coef * |log pi_theta - log pi_old| on the top-k fraction of tokens by covariance.
+  each owns the policy objective, as in the paper's code: Clip-Cov is the PPO clipped surrogate with the gradient
+  removed from a random fraction of the tokens with lower < Cov_t < upper, drawn from the tokens the clip leaves a
+  gradient (a clipped token is not spent twice); KL-Cov is the unclipped -r A on every token plus
+  coef * |log pi_theta - log pi_old| on the top-k fraction of all loss tokens by covariance (the KL replaces the clip).
 """
 
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import masked_mean
+from po_registry.ops import clip_regions, clipped_surrogate, high_entropy_mask, masked_mean
 
 COV_PAPER = "arXiv 2505.22617"
 COV_TARGET = "entropy collapse: high-covariance tokens (confident and rewarded) drive entropy down"
@@ -39,16 +41,31 @@ class HighEntropyTokens:
 
     @hookimpl
     def po_token_mask(self, batch):
-        values = batch.gather_ragged(batch.entropies[batch.mask.bool()].float())
-        if values.numel() == 0:
-            return torch.zeros_like(batch.mask)
-        threshold = torch.quantile(values, 1.0 - batch.options["entropy_top_quantile"])
-        keep = (batch.entropies * batch.mask >= threshold) & batch.mask.bool()
+        keep = high_entropy_mask(batch.entropies, batch.mask, batch.options["entropy_top_quantile"],
+                                 batch.gather_ragged)
         batch.log_metric("entropy/kept_fraction", batch.global_masked_mean(keep.float()))
-        return keep.to(batch.mask.dtype)
+        return keep
+
+
+# Loss types that name an objective of their own, which the covariance methods would silently replace.
+OTHER_OBJECTIVES = ("cispo", "sapo", "vespo")
+
+
+def _check_objective_flags(method: str, args, clipped: bool) -> None:
+    if args.loss_type in OTHER_OBJECTIVES:
+        raise ValueError(f"{method} owns the policy objective ({'the PPO clip' if clipped else 'an unclipped ratio'}"
+                         f" with its covariance rule); loss_type={args.loss_type!r} names another objective: use "
+                         "grpo, bnpo, dr_grpo, dapo or luspo (they only choose the aggregation)")
+    if args.delta is not None:
+        raise ValueError(f"{method} does not apply delta (the two-sided clip); leave delta=None")
 
 
 class ClipCov:
+    """The PPO clipped surrogate with the gradient of a few high-covariance tokens removed (Clip-Cov)."""
+
+    po_explain = {"po_policy_objective": "PPO clip (epsilon, epsilon_high) x 0 on a random clip_cov_fraction of "
+                                         "the tokens the clip leaves free with lower < Cov_t < upper"}
+
     @hookimpl
     def po_register_methods(self, register):
         register("clip-cov", components=["clip-cov"], side="trajectory", paper=COV_PAPER, targets=COV_TARGET,
@@ -58,25 +75,40 @@ class ClipCov:
     def po_declare_options(self, register):
         register("clip_cov_fraction", 2e-4, type=float, check=lambda v: 0 < v < 1,
                  help="fraction of loss tokens whose gradient is removed, in (0, 1)")
-        register("clip_cov_lower", 1.0, type=float, help="lowest covariance eligible")
-        register("clip_cov_upper", 5.0, type=float, help="highest covariance eligible")
+        register("clip_cov_lower", 1.0, type=float, help="covariance above which a token is eligible")
+        register("clip_cov_upper", 5.0, type=float, help="covariance below which a token is eligible")
 
     @hookimpl
-    def po_token_mask(self, batch):
-        options = batch.options
-        cov = token_covariance(batch.logps, batch.advantages, batch.mask)
-        eligible = ((cov >= options["clip_cov_lower"]) & (cov <= options["clip_cov_upper"]) & batch.mask.bool())
+    def po_check_config(self, args):
+        _check_objective_flags("clip-cov", args, clipped=True)
+
+    @hookimpl
+    def po_policy_objective(self, batch, log_weights):
+        args, options, mask = batch.args, batch.options, batch.mask
+        epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        ratio, advantages = torch.exp(log_weights), batch.advantages
+        loss = clipped_surrogate(ratio, advantages, args.epsilon, epsilon_high)
+        # A token whose clip binds has no gradient already: the paper draws only from the others.
+        low, high = clip_regions(ratio, advantages, args.epsilon, epsilon_high)
+        free = ~(low | high).expand_as(mask)
+        cov = token_covariance(batch.logps, advantages, mask)
+        eligible = (cov > options["clip_cov_lower"]) & (cov < options["clip_cov_upper"]) & mask.bool() & free
         candidates = eligible.flatten().nonzero().squeeze(1)
-        count = min(len(candidates), max(1, int(options["clip_cov_fraction"] * batch.mask.sum().item())))
-        generator = torch.Generator().manual_seed(int(batch.args.seed) * 7919 + batch.step)
+        count = min(len(candidates), max(1, int(options["clip_cov_fraction"] * mask.sum().item())))
+        generator = torch.Generator().manual_seed(int(args.seed) * 7919 + batch.step)
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count].to(candidates.device)]
-        keep = torch.ones_like(batch.mask).flatten()
+        keep = torch.ones_like(mask).flatten()
         keep[chosen] = 0.0
-        batch.log_metric("clip_cov/clipped_fraction", count / max(1.0, batch.mask.sum().item()))
-        return keep.view_as(batch.mask)
+        batch.log_metric("clip_cov/clipped_fraction", count / max(1.0, mask.sum().item()))
+        return loss * keep.view_as(mask)
 
 
 class KLCov:
+    """The unclipped ratio objective with a KL penalty on the top-k covariance tokens (KL-Cov)."""
+
+    po_explain = {"po_policy_objective": "-r A on every token (no clip) + kl_cov_coef |log pi_theta - log pi_old| on "
+                                         "the kl_cov_fraction of loss tokens with the highest Cov_t"}
+
     @hookimpl
     def po_register_methods(self, register):
         register("kl-cov", components=["kl-cov"], side="trajectory", paper=COV_PAPER, targets=COV_TARGET,
@@ -89,14 +121,20 @@ class KLCov:
         register("kl_cov_coef", 1.0, type=float, check=lambda v: v >= 0, help="penalty coefficient, >= 0")
 
     @hookimpl
-    def po_token_penalty(self, batch):
-        cov = token_covariance(batch.logps, batch.advantages, batch.mask)
-        tokens = int(batch.mask.sum().item())
+    def po_check_config(self, args):
+        _check_objective_flags("kl-cov", args, clipped=False)
+
+    @hookimpl
+    def po_policy_objective(self, batch, log_weights):
+        mask = batch.mask
+        cov = token_covariance(batch.logps, batch.advantages, mask)
+        tokens = int(mask.sum().item())
         count = min(tokens, max(1, int(batch.options["kl_cov_fraction"] * tokens)))
-        selected = torch.zeros_like(batch.mask).flatten()
+        selected = torch.zeros_like(mask).flatten()
         if tokens:
-            ranked = cov.masked_fill(~batch.mask.bool(), float("-inf")).flatten()
+            ranked = cov.masked_fill(~mask.bool(), float("-inf")).flatten()
             selected[torch.topk(ranked, count).indices] = 1.0
         batch.log_metric("kl_cov/penalised_fraction", count / max(1, tokens))
         kl = (batch.logps - batch.old_logps).abs()
-        return batch.options["kl_cov_coef"] * kl * selected.view_as(batch.mask)
+        policy = -torch.exp(log_weights) * batch.advantages  # the KL on the selected tokens replaces the clip
+        return policy + batch.options["kl_cov_coef"] * kl * selected.view_as(mask)

@@ -5,16 +5,17 @@ Per token, with log rho = log pi_ref - log pi_theta on tokens sampled from pi_th
   k3 = (rho - 1) - log rho (unbiased, low variance, >= 0).
 Two placements (methods.md rule 5):
 - ``kl`` (in the loss, GRPO): beta * k added to the per-token loss, with gradient through k; with importance
-  correction (DeepSeek-V3.2) times pi_theta/pi_old, unbiased when the samples come from pi_old.
-- ``kl-reward`` (in the reward, PPO/RLOO/REINFORCE++ style): a dense per-token reward -beta * k_t without gradient,
-  added to each token's advantage; its gradient is the policy gradient beta * sg[k_t] * grad log pi_t, carried by
-  the importance weight.
+  correction (DeepSeek-V3.2) times pi_theta/pi_old. Expected gradients (README): k2 and corrected k3 follow
+  grad KL(pi_theta || pi_ref), k3 alone the forward grad KL(pi_ref || pi_theta), k1 alone zero.
+- ``kl-reward`` (in the reward, PPO/RLOO/REINFORCE++ style): a per-token reward -beta * k_t of the sampling policy,
+  without gradient, that enters the return of every token up to it: A_t <- A_t - beta sum_{s >= t} k_s. With k1
+  its policy gradient is that of E[R] - beta KL(pi_theta || pi_ref).
 """
 
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import kl_estimate
+from po_registry.ops import kl_estimate, returns_to_go
 
 
 class KLPenalty:
@@ -59,7 +60,8 @@ class KLReward:
             components=["kl-reward"],
             replaces=["reference-kl"],
             side="reward",
-            summary="KL to the reference folded into the reward: dense -beta * k_t added to each token's advantage",
+            summary="KL to the reference folded into the reward: -beta * k_t per token, in the return of every "
+                    "earlier token",
             targets="drift from the reference, with the KL as a reward (no gradient through the estimate)",
             paper="PPO/RLOO/REINFORCE++ (arXiv 2501.03262)",
         )
@@ -76,7 +78,11 @@ class KLReward:
 
     @hookimpl
     def po_token_penalty(self, batch, log_weights):
-        # -(A_t - beta k_t) r_t = -A_t r_t + beta sg[k_t] r_t: the reward term rides on the importance weight.
-        kl = kl_estimate(batch.logps, batch.ref_logps, batch.options["kl_reward_estimator"]).detach()
+        # The reward -beta k_s is the sampling policy's (pi_old), fixed like any reward, and zero on environment
+        # tokens; token t's advantage gains its return -beta sum_{s >= t} k_s, which rides on the importance weight:
+        # -(A_t - beta G_t) w_t = -A_t w_t + beta sg[G_t] w_t. Adding it here, not as a dense token reward, keeps it
+        # independent of the advantage owner (one advantage per sequence or per token).
+        kl = kl_estimate(batch.old_logps, batch.ref_logps, batch.options["kl_reward_estimator"]) * batch.mask
         batch.log_metric(f"kl_reward/{batch.options['kl_reward_estimator']}", batch.global_masked_mean(kl))
-        return batch.args.beta * kl * torch.exp(log_weights)
+        kl_return = returns_to_go(kl.detach())
+        return batch.args.beta * kl_return * torch.exp(log_weights) * batch.mask

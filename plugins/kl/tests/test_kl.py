@@ -1,5 +1,7 @@
 """KL estimators as a loss term: formulas, equality with TRL's k3 term, conformance and training."""
 
+import math
+
 import pytest
 import torch
 from po_registry_kl import KLPenalty
@@ -42,6 +44,46 @@ def test_estimators_times_beta_and_correction(po_loss_batch, estimator):
     assert torch.allclose(penalty, 0.5 * expected * log_weights.exp())
 
 
+def _exact_kl(p_logps, q_logps):
+    """KL(p || q) summed over positions, by summing over the whole vocabulary."""
+    return (p_logps.exp() * (p_logps - q_logps)).sum()
+
+
+# The expected gradient of each cell of the README's table (r = log pi - log pi_ref; w = pi / pi_old):
+GRADIENT_TARGET = {
+    ("k1", False): lambda pi, ref: 0.0 * pi.sum(),
+    ("k1", True): lambda pi, ref: _exact_kl(pi, ref),
+    ("k2", False): lambda pi, ref: _exact_kl(pi, ref),
+    # (r + r^2 / 2) grad log pi: the reverse KL's gradient plus that of sum_v pi(v) * (fixed r(v)^2 / 2)
+    ("k2", True): lambda pi, ref: _exact_kl(pi, ref) + (pi.exp() * 0.5 * (pi - ref).detach() ** 2).sum(),
+    ("k3", False): lambda pi, ref: _exact_kl(ref, pi),
+    ("k3", True): lambda pi, ref: _exact_kl(pi, ref),
+}
+
+
+@pytest.mark.parametrize("estimator, correction", list(GRADIENT_TARGET))
+def test_kl_gradient_follows_the_divergence_the_readme_names(po_loss_batch, estimator, correction):
+    """Vocabulary 4, two positions with their own logits (the parameters), a fixed reference per position, on-policy
+    (pi_old = pi_theta). Row v samples token v at both positions; weighting row v's per-token penalty by pi_t(v)
+    takes the expectation exactly. It must equal beta times the gradient of the table's target, summed over the
+    vocabulary."""
+    logits = torch.tensor([[0.3, -0.2, 1.1, 0.0], [-0.7, 0.4, 0.2, 0.9]], requires_grad=True)  # (position, vocab)
+    reference = torch.log_softmax(torch.tensor([[1.0, 0.5, -0.5, 0.2], [0.1, -1.0, 0.8, 0.3]]), dim=-1)
+    policy = torch.log_softmax(logits, dim=-1)
+    tokens = torch.arange(4)
+    batch = po_loss_batch(rows=4, width=2, args=default_args(["kl"], beta=0.5),
+                          options={"kl_estimator": estimator, "kl_importance_correction": correction})
+    batch.mask = torch.ones(4, 2)
+    batch.logps, batch.ref_logps = policy.T[tokens], reference.T[tokens]  # (row v, position t): log pi_t(v)
+    batch.old_logps = batch.logps.detach()
+    penalty = KLPenalty().po_token_penalty(batch, batch.logps - batch.old_logps)
+    method_grad, = torch.autograd.grad((policy.T.detach().exp() * penalty).sum(), logits)
+    exact_grad, = torch.autograd.grad(GRADIENT_TARGET[estimator, correction](torch.log_softmax(logits, -1),
+                                                                             reference),
+                                      logits, allow_unused=True, materialize_grads=True)
+    assert torch.allclose(method_grad, 0.5 * exact_grad, atol=1e-6)  # beta = 0.5
+
+
 def test_needs_a_positive_beta():
     with pytest.raises(OptionError, match="plugin 'kl': the kl method needs beta > 0"):
         default_args(["kl"])
@@ -63,20 +105,127 @@ class TestKLRewardConformance(PluginConformance):
     metrics = ("kl_reward/k1",)
 
 
-def test_kl_reward_gradient_equals_a_dense_reward_in_the_advantage(po_loss_batch):
-    """On-policy, kl-reward's gradient is that of advantages A_t - beta * k1_t with no KL term at all."""
+def test_kl_reward_penalty_is_the_return_of_the_sampling_policys_kl_by_hand(po_loss_batch):
+    """Row 0 has an environment hole at t = 1 and padding at t = 3, row 1 one token, row 2 none.
+    k1 = log pi_old - log pi_ref on action tokens: row 0 [0.5, (hole), -1.0, (pad)], row 1 [-0.8].
+    Return over action tokens: row 0 [0.5 - 1.0, -, -1.0, -] = [-0.5, 0, -1.0, 0]; row 1 [-0.8].
+    Penalty beta * return * exp(log w) with beta 0.5."""
+    from po_registry_kl import KLReward
+
+    batch = po_loss_batch(rows=3, width=4, args=default_args(["kl-reward"], beta=0.5),
+                          options={"kl_reward_estimator": "k1"})
+    batch.mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    batch.old_logps = torch.tensor([[-1.0, -0.5, -2.0, -3.0], [-1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]])
+    batch.ref_logps = torch.tensor([[-1.5, -4.0, -1.0, -1.0], [-0.2, -3.0, -3.0, -3.0], [-3.0, -3.0, -3.0, -3.0]])
+    log_weights = torch.tensor([[0.1, 0.3, -0.2, 0.4], [0.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    got = KLReward().po_token_penalty(batch, log_weights)
+    assert got[0].tolist() == pytest.approx([0.5 * -0.5 * math.exp(0.1), 0.0, 0.5 * -1.0 * math.exp(-0.2), 0.0])
+    assert got[1].tolist() == pytest.approx([0.5 * -0.8 * math.exp(0.2), 0.0, 0.0, 0.0])
+    assert got[2].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+# A policy small enough to enumerate: vocabulary 3, completions of two action tokens; token 1 from logits THETA_1,
+# token 2 from the row THETA_2[token 1]. The reference is another fixed table; R is a reward per sequence.
+THETA_1 = [0.2, -0.5, 0.9]
+THETA_2 = [[0.1, 0.7, -0.3], [-1.0, 0.2, 0.4], [0.5, -0.6, 0.0]]
+REF_1 = [1.0, 0.0, -0.5]
+REF_2 = [[0.0, -0.4, 0.6], [0.3, 0.3, -0.9], [-0.2, 0.8, 0.1]]
+REWARD = [[1.0, 0.0, 0.5], [0.0, 2.0, -1.0], [0.3, 1.0, 0.0]]
+BETA = 0.3
+SEQUENCES = [(a, b) for a in range(3) for b in range(3)]
+
+
+def _log_probs(first, second, y):
+    """log pi(y_1), log pi(y_2 | y_1) under the logit tables ``first`` (3,) and ``second`` (3, 3)."""
+    return torch.log_softmax(first, -1)[y[0]], torch.log_softmax(second[y[0]], -1)[y[1]]
+
+
+def _exact_objective_gradient(theta_1, theta_2, reward_scale=1.0):
+    """grad of reward_scale * E[R] - beta KL(pi || pi_ref), both by summing over the 9 sequences."""
+    ref_1, ref_2 = torch.tensor(REF_1), torch.tensor(REF_2)
+    objective = 0.0
+    for y in SEQUENCES:
+        log_pi = sum(_log_probs(theta_1, theta_2, y))
+        log_ref = sum(_log_probs(ref_1, ref_2, y))
+        objective = objective + log_pi.exp() * (reward_scale * REWARD[y[0]][y[1]] - BETA * (log_pi - log_ref))
+    return torch.autograd.grad(objective, [theta_1, theta_2])
+
+
+def _micro_batch(po_loss_batch, pipeline, rows, theta_1, theta_2, advantages, hole):
+    """A LossBatch of the completions ``rows``, on-policy (pi_old = pi_theta), log-probs carrying the gradient to the
+    logit tables. With ``hole`` an environment token (masked, log-probs that differ from the reference's) sits
+    between the two action tokens: it changes neither pi(y) nor the KL between the two policies."""
+    args = default_args(["kl-reward"], pipeline.options, beta=BETA, loss_type="grpo")
+    width = 3 if hole else 2
+    batch = po_loss_batch(rows=len(rows), width=width, args=args, options=pipeline.options, off_policy=0.0)
+    ref_1, ref_2 = torch.tensor(REF_1), torch.tensor(REF_2)
+    logps, ref_logps = [], []
+    for y in rows:
+        policy, reference = _log_probs(theta_1, theta_2, y), _log_probs(ref_1, ref_2, y)
+        if hole:
+            policy, reference = (policy[0], torch.tensor(-0.7), policy[1]), (reference[0], torch.tensor(-2.0),
+                                                                              reference[1])
+        logps.append(torch.stack(list(policy)))
+        ref_logps.append(torch.stack(list(reference)))
+    batch.logps, batch.ref_logps = torch.stack(logps), torch.stack(ref_logps)
+    batch.old_logps = batch.logps.detach()
+    batch.mask = torch.tensor([[1.0, 0.0, 1.0] if hole else [1.0, 1.0]] * len(rows))
+    batch.num_items_in_batch = batch.mask.sum()
+    batch.advantages = advantages.view(-1, 1)
+    return batch
+
+
+@pytest.mark.parametrize("hole", [False, True])
+def test_kl_reward_gradient_is_the_exact_gradient_of_reward_minus_beta_kl(po_loss_batch, hole):
+    """Advantage = return-to-go of the outcome R (R on every token), no baseline. The expected gradient of the
+    assembled kl-reward loss, sum_y pi(y) grad L(y) (the expectation taken by enumerating the 9 sequences), must be
+    -(1/2) grad (E[R] - beta KL(pi || pi_ref)): loss_type grpo averages over the 2 action tokens."""
     from po_registry.pipeline import Pipeline, assemble
 
-    beta = 0.3
-    grads = []
-    for methods, shift in ((["kl-reward"], False), (["grpo"], True)):
-        pipeline = Pipeline(assemble(methods))
-        args = default_args(methods, pipeline.options, beta=beta if not shift else 0.0)
-        batch = po_loss_batch(args=args, options=pipeline.options, per_token_advantages=True, off_policy=0.0)
-        batch.old_logps = batch.logps.detach()
-        if shift:
-            k1 = (batch.logps - batch.ref_logps).detach()
-            batch.advantages = batch.advantages - beta * k1
-        pipeline.loss(batch).backward()
-        grads.append(batch.logps.grad)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    theta_1, theta_2 = torch.tensor(THETA_1, requires_grad=True), torch.tensor(THETA_2, requires_grad=True)
+    pipeline = Pipeline(assemble(["kl-reward"]))
+    method = [torch.zeros(3), torch.zeros(3, 3)]
+    for y in SEQUENCES:
+        batch = _micro_batch(po_loss_batch, pipeline, [y], theta_1, theta_2, torch.tensor(REWARD[y[0]][y[1]]), hole)
+        probability = batch.logps.detach()[0][batch.mask[0].bool()].sum().exp()
+        grads = torch.autograd.grad(pipeline.loss(batch), [theta_1, theta_2])
+        method = [m + probability * g for m, g in zip(method, grads)]
+    exact = _exact_objective_gradient(theta_1, theta_2)
+    for m, e in zip(method, exact):
+        assert torch.allclose(-2.0 * m, e, atol=1e-6)
+
+
+def test_kl_reward_with_the_group_baseline_agrees_in_expectation(po_loss_batch):
+    """Groups of G = 2 with the baseline's advantage A_i = R_i - mean(R_1, R_2) (scale_rewards none), every one of the
+    81 ordered pairs weighted by pi(y) pi(y'). The mean includes the row itself, so the reward's part of the gradient
+    is (G - 1)/G = 1/2 of grad E[R] (E[(R - (R + R')/2) grad log pi(y)] = 1/2 grad E[R], as E[grad log pi(y)] = 0);
+    the KL's return is not baselined and keeps its full -beta grad KL. The loss averages over the 2 rows and 2 tokens,
+    each row contributing the same in expectation: expected grad L = -(1/2) grad (E[R] / 2 - beta KL)."""
+    from po_registry.builtin.grpo import GroupAdvantage
+    from po_registry.pipeline import Pipeline, assemble
+    from po_registry.testing import reward_batch
+
+    theta_1, theta_2 = torch.tensor(THETA_1, requires_grad=True), torch.tensor(THETA_2, requires_grad=True)
+    pipeline = Pipeline(assemble(["kl-reward"]))
+    group_args = default_args(["kl-reward"], pipeline.options, beta=BETA, scale_rewards="none")
+    method = [torch.zeros(3), torch.zeros(3, 3)]
+    for pair in [(y, z) for y in SEQUENCES for z in SEQUENCES]:
+        rewards = torch.tensor([[REWARD[y[0]][y[1]]] for y in pair])
+        _, group = reward_batch(group_size=2, num_groups=1, width=2, rewards=rewards, args=group_args)
+        advantages = GroupAdvantage().po_compute_advantages(rewards, group)
+        batch = _micro_batch(po_loss_batch, pipeline, list(pair), theta_1, theta_2, advantages, hole=False)
+        probability = batch.logps.detach().sum().exp()
+        grads = torch.autograd.grad(pipeline.loss(batch), [theta_1, theta_2])
+        method = [m + probability * g for m, g in zip(method, grads)]
+    exact = _exact_objective_gradient(theta_1, theta_2, reward_scale=0.5)
+    for m, e in zip(method, exact):
+        assert torch.allclose(-2.0 * m, e, atol=1e-6)
+
+
+def test_kl_reward_composes_with_one_advantage_per_sequence():
+    """kl-reward adds no dense token rewards, so an advantage owner returning (N,) stays valid with it."""
+    from po_registry.pipeline import assemble
+
+    assembly = assemble(["kl-reward"])
+    assert not assembly.owners.get("po_token_rewards")
+    assert assembly.owners["po_compute_advantages"] == ["group-advantage"]

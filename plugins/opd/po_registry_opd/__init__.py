@@ -11,8 +11,10 @@ r_t = log pi_T(y_t | prefix) - log pi_old(y_t | prefix) (optionally clipped to [
 - ``opd-advantage`` (T_B, advantage): A_{i,t} = A_i + lambda r_t, after the group normalisation of A_i.
 - ``opd-reward`` (T_C, reward side): the length-normalised teacher log-ratio (1/|o_i|) sum_t r_{i,t} joins the
   rewards as one more reward column of weight lambda, inside the group normalisation.
-- ``opd-kl`` (T_D, external regulariser): + lambda KL(pi_theta || pi_T) per token (k1/k2/k3 on the sampled tokens,
-  or the full-vocabulary divergence).
+- ``opd-kl`` (T_D, external regulariser): + lambda KL(pi_theta || pi_T) per token, or the full-vocabulary divergence.
+  On the student's own samples, in the loss, the estimator decides the gradient (README): k2 = (log pi_theta -
+  log pi_T)^2 / 2 (the default) follows grad KL(pi_theta || pi_T), the reverse KL T_D names; k3 follows the forward
+  grad KL(pi_T || pi_theta); k1 has zero expected gradient.
 
 lambda may follow a schedule (constant, linear or cosine from ``opd_lambda`` to ``opd_lambda_end``). The teacher is
 any local causal LM with the student's vocabulary, loaded once, frozen, in evaluation mode, on the student's device
@@ -126,7 +128,7 @@ def current_lambda(batch) -> float:
 
 
 def full_reverse_kl(student, rows, mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """Mean over loss tokens of KL(pi_theta || pi_T) = sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v)).
+    """Sum over loss tokens of KL(pi_theta || pi_T) = sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v)).
 
     Each chunk of rows is checkpointed: its vocabulary-sized logits live only while that chunk is computed."""
 
@@ -141,7 +143,7 @@ def full_reverse_kl(student, rows, mask: torch.Tensor, temperature: float, chunk
         chunk_mask = mask[start : start + chunk]
         if chunk_mask.any():
             total = total + checkpoint(chunk_sum, start, start + chunk, chunk_mask, use_reentrant=False)
-    return total / mask.sum().clamp(min=1.0)
+    return total
 
 
 def _warn_if_sequence_ratio(name: str, args, assembly) -> None:
@@ -169,7 +171,9 @@ class Teacher:
                  help="clip the per-token teacher log-ratio to [-c, c]; 0: no clip")
         register("opd_divergence", "sampled", choices=("sampled", "full"),
                  help="opd and opd-kl: the sampled tokens' log-ratio, or the full-vocabulary reverse KL")
-        register("opd_kl_estimator", "k3", choices=("k1", "k2", "k3"), help="opd-kl: estimator on sampled tokens")
+        register("opd_kl_estimator", "k2", choices=("k1", "k2", "k3"),
+                 help="opd-kl: estimator on sampled tokens; its gradient: k2 reverse KL(student || teacher), k3 "
+                      "forward KL(teacher || student), k1 zero in expectation")
 
     @hookimpl
     def po_setup(self, trainer, options):
@@ -254,9 +258,10 @@ class PureOPD:
 
 
 def _full_kl(batch, coefficient: float) -> torch.Tensor:
-    kl = full_reverse_kl(TEACHER.student, batch.inputs, batch.mask, batch.args.temperature,
-                         teacher_chunk(batch.options, batch.args))
-    batch.log_metric("opd/full_reverse_kl", kl.item())
+    total = full_reverse_kl(TEACHER.student, batch.inputs, batch.mask, batch.args.temperature,
+                            teacher_chunk(batch.options, batch.args))
+    kl = batch.mean_over_processes(total, batch.mask.sum())  # the token mean over every process's micro-batch
+    batch.log_metric("opd/full_reverse_kl", batch.reduce_sum(kl.detach()).item() / batch.num_processes)
     return coefficient * kl.to(batch.logps.dtype)
 
 
@@ -341,7 +346,8 @@ class TeacherReward:
 class TeacherKL:
     """Component ``opd-kl`` (T_D): an external KL(pi_theta || pi_T) regulariser."""
 
-    po_explain = {"po_token_penalty": "T_D: + lambda KL(pi_theta || pi_T) per sampled token (opd_kl_estimator)",
+    po_explain = {"po_token_penalty": "T_D: + lambda k(pi_theta, pi_T) per sampled token (opd_kl_estimator; the "
+                                      "default k2 follows grad KL(pi_theta || pi_T))",
                   "po_loss_penalty": "T_D: + lambda full-vocabulary KL(pi_theta || pi_T) when opd_divergence = full"}
 
     @hookimpl
@@ -356,7 +362,8 @@ class TeacherKL:
             return None
         teacher = TEACHER.token_logps(batch.inputs, batch.args.temperature, teacher_chunk(batch.options, batch.args))
         kl = kl_estimate(batch.logps, teacher, batch.options["opd_kl_estimator"])
-        batch.log_metric("opd/teacher_kl", batch.global_masked_mean(kl.detach()))
+        # logged: k3, an unbiased estimate of KL(pi_theta || pi_T) whichever estimator drives the gradient
+        batch.log_metric("opd/teacher_kl", batch.global_masked_mean(kl_estimate(batch.logps.detach(), teacher, "k3")))
         return current_lambda(batch) * kl
 
     @hookimpl

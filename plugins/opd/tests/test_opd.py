@@ -1,6 +1,7 @@
 """On-policy distillation and the GRPO-OPD operators: each against its formula on small tensors, the full-vocabulary
 reverse KL against TRL's DistillationTrainer, the teacher's loading rules, and training end to end."""
 
+import math
 import tempfile
 import warnings
 
@@ -10,7 +11,6 @@ from po_registry_opd import TEACHER, full_reverse_kl, load_teacher, scheduled_la
 
 from po_registry.builtin.grpo import GroupAdvantage
 from po_registry.errors import CouplingWarning
-from po_registry.ops import kl_estimate
 from po_registry.registry import get_registry
 from po_registry.testing import PluginConformance, char_tokenizer, default_args, partial_credit, tiny_causal_lm
 
@@ -145,14 +145,74 @@ def test_reward_operator_adds_the_length_normalised_signal_inside_the_group_norm
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_kl_operator_penalises_the_sampled_kl_to_the_teacher(po_loss_batch, estimator):
-    batch = po_loss_batch(options=_options(opd_kl_estimator=estimator), args=default_args())
+def test_kl_operator_default_is_k2_on_the_real_teacher(po_loss_batch):
+    """Plumbing: the teacher model's sampled-token log-probs enter lambda (log pi_theta - log pi_T)^2 / 2."""
+    batch = po_loss_batch(options=_options(), args=default_args())
+    assert batch.options["opd_kl_estimator"] == "k2"
     got = _component("opd-kl").po_token_penalty(batch)
-    expected = 0.5 * kl_estimate(batch.logps, _teacher_logps(batch.inputs), estimator)
+    expected = 0.5 * 0.5 * (batch.logps.detach() - _teacher_logps(batch.inputs)) ** 2
     assert torch.allclose(got, expected, atol=1e-5)
     got.sum().backward()
     assert batch.logps.grad is not None
+
+
+def _fixed_teacher(monkeypatch, teacher_logps):
+    """The teacher's log-probs of the sampled tokens, given directly (the teacher model's plumbing is tested above)."""
+    monkeypatch.setattr(TEACHER, "token_logps", lambda rows, temperature, chunk: teacher_logps)
+
+
+@pytest.mark.parametrize("estimator, per_token", [
+    # r = log pi - log pi_T = [0.5, -1.0]; k1 = r; k2 = r^2 / 2; k3 = exp(-r) - 1 + r
+    ("k1", [0.5, -1.0]),
+    ("k2", [0.125, 0.5]),
+    ("k3", [math.exp(-0.5) - 0.5, math.exp(1.0) - 2.0]),
+])
+def test_kl_operator_values_by_hand(po_loss_batch, monkeypatch, estimator, per_token):
+    batch = po_loss_batch(rows=1, width=2, options=_options(opd_kl_estimator=estimator), args=default_args())
+    batch.logps = torch.tensor([[-1.0, -2.0]])
+    _fixed_teacher(monkeypatch, torch.tensor([[-1.5, -1.0]]))
+    got = _component("opd-kl").po_token_penalty(batch)
+    assert got[0].tolist() == pytest.approx([0.5 * k for k in per_token])  # lambda = 0.5
+
+
+def _exact_kl(p_logps, q_logps):
+    """KL(p || q) summed over positions, by summing over the whole vocabulary."""
+    return (p_logps.exp() * (p_logps - q_logps)).sum()
+
+
+# Each estimator's expected gradient on the student's own samples, in the loss (derivation in the README):
+# the default (k2) -> grad KL(pi || T) (reverse, what T_D names), k3 -> grad KL(T || pi) (forward), k1 -> 0.
+EXPECTED_GRADIENT = {
+    "default": lambda student, teacher: _exact_kl(student, teacher),
+    "k3": lambda student, teacher: _exact_kl(teacher, student),
+    "k1": lambda student, teacher: 0.0 * student.sum(),
+}
+
+
+@pytest.mark.parametrize("estimator", ["default", "k3", "k1"])
+def test_kl_operator_gradient_is_the_exact_gradient_of_its_divergence(po_loss_batch, monkeypatch, estimator):
+    """Vocabulary 4, two positions with their own logits (the parameters), a fixed teacher per position. Row v of the
+    micro-batch samples token v at both positions; weighting each row's per-token penalty by pi(v) takes the
+    expectation over the student's samples exactly (no sampling). Its gradient must be lambda times the exact
+    gradient of the divergence, computed by summing over the vocabulary."""
+    logits = torch.tensor([[0.3, -0.2, 1.1, 0.0], [-0.7, 0.4, 0.2, 0.9]], requires_grad=True)  # (position, vocab)
+    teacher = torch.log_softmax(torch.tensor([[1.0, 0.5, -0.5, 0.2], [0.1, -1.0, 0.8, 0.3]]), dim=-1)
+    student = torch.log_softmax(logits, dim=-1)
+    tokens = torch.arange(4)
+    options = _options() if estimator == "default" else _options(opd_kl_estimator=estimator)
+    batch = po_loss_batch(rows=4, width=2, options=options, args=default_args())
+    batch.mask = torch.ones(4, 2)
+    batch.logps = student.T[tokens]  # (row v, position t): log pi_t(v)
+    _fixed_teacher(monkeypatch, teacher.T[tokens])
+    penalty = _component("opd-kl").po_token_penalty(batch)
+    expected_penalty = (student.T.detach().exp() * penalty).sum()  # sum_t sum_v pi_t(v) penalty_t(v)
+    method_grad, = torch.autograd.grad(expected_penalty, logits)
+    exact_grad, = torch.autograd.grad(EXPECTED_GRADIENT[estimator](torch.log_softmax(logits, -1), teacher), logits,
+                                      allow_unused=True, materialize_grads=True)
+    assert torch.allclose(method_grad, 0.5 * exact_grad, atol=1e-6)  # lambda = 0.5
+    if estimator == "default":  # and it is not the forward KL's gradient (the old default, k3)
+        forward, = torch.autograd.grad(_exact_kl(teacher, torch.log_softmax(logits, -1)), logits)
+        assert not torch.allclose(method_grad, 0.5 * forward, atol=1e-3)
 
 
 def test_full_reverse_kl_in_chunks_equals_the_direct_sum(po_tiny_model_dir, po_loss_batch):
@@ -172,7 +232,7 @@ def test_full_reverse_kl_in_chunks_equals_the_direct_sum(po_tiny_model_dir, po_l
     with torch.no_grad():
         teacher_logps = torch.log_softmax(TEACHER.model(input_ids=ids, attention_mask=attention).logits[:, prompt - 1:-1], -1)
     per_token = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
-    direct = (per_token * mask).sum() / mask.sum()
+    direct = (per_token * mask).sum()
     direct.backward()
     assert chunked.item() == pytest.approx(direct.item(), abs=1e-6)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(chunked_grads, student.parameters()))

@@ -4,7 +4,8 @@
 Reward side: a value model V_psi scores every completion token at rollout time; the outcome reward R sits on the
 last token (plus any dense token rewards of other plugins); GAE gives the policy's advantages
 A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, whitened over the batch, and the
-critic's targets G_t = A_t(lambda_critic) + V_t. Trajectory side: the clipped value loss
+critic's targets G_t = A_t(lambda_critic) + V_t, all over the action tokens (environment tokens inside a
+multi-turn completion are skipped, and the return flows through them). Trajectory side: the clipped value loss
 0.5 max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2) per micro-batch; the critic has its own optimizer and
 learning-rate schedule, steps with the policy's optimizer, and is saved and restored with checkpoints.
 
@@ -48,6 +49,15 @@ def load_value_model(source: str, device, dtype, lora_r: int) -> torch.nn.Module
         model = get_peft_model(model, LoraConfig(task_type="TOKEN_CLS", r=lora_r, lora_alpha=2 * lora_r,
                                                  target_modules="all-linear", exclude_modules=["score", "classifier"]))
     return model.to(device)
+
+
+def broadcast_from_main_process(model: torch.nn.Module) -> None:
+    """Every process takes the main process's weights (no-op on one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
@@ -134,6 +144,7 @@ class Critic:
             raise ValueError("the policy was passed as a model object without a checkpoint path: set "
                              "ppo_critic_model to the checkpoint the critic should start from")
         self.build(source, trainer.accelerator.device, next(policy.parameters()).dtype, options)
+        broadcast_from_main_process(self.model)  # a fresh head (and LoRA) drawn per process would differ
         self.reduce_mean = lambda t: trainer.accelerator.reduce(t, reduction="mean")
         trainer.add_callback(_CriticSteps(self, trainer.model))
 
@@ -220,7 +231,7 @@ class Critic:
         mask = batch.mask * inputs["ppo_value_mask"]
         per_token = clipped_value_loss(values, inputs["ppo_old_values"], inputs["ppo_returns"],
                                        batch.options["ppo_value_clip"])
-        loss = masked_mean(per_token, mask)
+        loss = batch.token_mean(per_token, mask)  # over the value tokens of every process
         clipped = (values - inputs["ppo_old_values"]).abs() > batch.options["ppo_value_clip"]
         batch.log_metric("ppo/value_loss", batch.reduce_sum(loss.detach()).item() / batch.num_processes)
         batch.log_metric("ppo/value_clip_fraction", batch.global_masked_mean(clipped.float() * mask))
@@ -277,6 +288,5 @@ class PositiveNLL:
         mask = batch.mask * positive
         batch.log_metric("positive_nll/positive_fraction", batch.global_masked_mean(positive.expand_as(mask) *
                                                                                     batch.mask))
-        if not mask.any():
-            return None
-        return batch.options["positive_nll_coef"] * masked_mean(-batch.logps, mask)
+        # The mean over the positive tokens of every process; a process without any still joins the count.
+        return batch.options["positive_nll_coef"] * batch.token_mean(-batch.logps, mask)

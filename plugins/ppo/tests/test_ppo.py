@@ -87,6 +87,70 @@ def test_advantages_and_targets_follow_gae_on_each_row(po_reward_batch, alpha):
         assert batch.local["ppo_old_values"][row, :length].tolist() == pytest.approx(values[row, :length].tolist())
 
 
+def _with_environment_holes(batch):
+    """Mask environment tokens out of the loss (the trainer's loss mask is completion_mask * tool_mask): two holes
+    inside row 3 and row 5, one inside row 4; the attention mask (``local``) keeps them as context."""
+    holes = torch.ones_like(batch.completion_mask)
+    holes[3, 1:3] = 0
+    holes[4, 2] = 0
+    holes[5, 1:3] = 0
+    batch.completion_mask = batch.completion_mask * holes
+    return holes
+
+
+def test_advantages_and_targets_flow_through_environment_holes(po_reward_batch):
+    """Multi-turn rows: GAE runs over the action tokens only (textbook GAE on the compacted row), the outcome reward
+    sits on the last action token, and a hole's dense reward, value and advantage count for nothing."""
+    options = _defaults(ppo_gamma=0.9, ppo_lambda=0.8, ppo_critic_lambda=1.0, ppo_whiten_advantages=False)
+    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args())
+    rewards[:, 0] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    batch.local["completion_mask"][3:] = 1  # full-length rows, so that each hole sits inside a turn sequence
+    batch.completion_mask[3:] = 1.0
+    holes = _with_environment_holes(batch)
+    batch.token_rewards = 0.1 * torch.arange(30.0).view(6, 5) * batch.local["completion_mask"]
+    critic = _critic()
+    advantages = critic.po_compute_advantages(rewards, batch)
+    with torch.no_grad():
+        values = token_values(critic.model, batch.local)
+    for row in range(3, 6):
+        kept = batch.completion_mask[row].bool().nonzero().squeeze(1)
+        dense = batch.token_rewards[row, kept].tolist()
+        dense[-1] += rewards[row, 0].item()
+        expected, _ = _reference_gae(dense, values[row, kept].tolist(), 0.9, 0.8)
+        _, targets = _reference_gae(dense, values[row, kept].tolist(), 0.9, 1.0)
+        assert advantages[row, kept].tolist() == pytest.approx(expected, abs=1e-5)
+        assert batch.local["ppo_returns"][row, kept].tolist() == pytest.approx(targets, abs=1e-5)
+        hole = ~holes[row].bool()
+        assert (advantages[row][hole] == 0).all() and (batch.local["ppo_returns"][row][hole] == 0).all()
+        assert (batch.local["ppo_value_mask"][row][hole] == 0).all()
+    # the first turn of row 3 sees the final reward through the hole: lambda_critic = 1 makes its target the
+    # discounted return over action tokens 0, 3, 4 (the hole is no step): G_0 = r_0 + 0.9 r_3 + 0.81 (r_4 + R)
+    r = batch.token_rewards[3]
+    assert batch.local["ppo_returns"][3, 0].item() == pytest.approx(
+        (r[0] + 0.9 * r[3] + 0.81 * (r[4] + 1.0)).item(), abs=1e-5)
+
+
+def test_whitening_and_value_loss_skip_environment_holes(po_reward_batch, po_loss_batch):
+    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=_defaults(), args=default_args())
+    batch.local["completion_mask"][3:] = 1
+    batch.completion_mask[3:] = 1.0
+    _with_environment_holes(batch)
+    advantages = _critic().po_compute_advantages(rewards, batch)
+    tokens = advantages[batch.completion_mask.bool()]
+    assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert tokens.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert (advantages[~batch.completion_mask.bool()] == 0).all()
+    # the value loss: a hole's value error leaves the loss unchanged (the micro-batch mask is the loss mask)
+    loss_batch = po_loss_batch(rows=2, width=4, options=_defaults(), args=default_args(["ppo"]))
+    loss_batch.mask = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    loss_batch.inputs["completion_mask"] = torch.ones(2, 4, dtype=torch.long)
+    _carry_value_targets(loss_batch)
+    with torch.no_grad():
+        before = _critic().po_loss_penalty(loss_batch).item()
+        loss_batch.inputs["ppo_returns"][0, 1:3] += 100.0
+        assert _critic().po_loss_penalty(loss_batch).item() == pytest.approx(before, abs=1e-6)
+
+
 def test_whitened_advantages_have_zero_mean_and_unit_std_over_loss_tokens(po_reward_batch):
     rewards, batch = po_reward_batch(group_size=4, num_groups=3, width=6, options=_defaults(), args=default_args())
     advantages = _critic().po_compute_advantages(rewards, batch)
@@ -141,8 +205,13 @@ def test_positive_nll_on_positive_rows_only(po_loss_batch):
     mask = batch.mask * torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]).unsqueeze(1)
     expected = 0.1 * (-(batch.logps * mask).sum() / mask.sum())
     assert plugin.po_loss_penalty(batch).item() == pytest.approx(expected.item())
-    batch.rewards = torch.zeros(6)
-    assert plugin.po_loss_penalty(batch) is None
+    # Another process holds 9 more positive tokens: the mean is over all of them (DDP then averages the two).
+    # Hand count: rows 0, 1, 3 are positive; P = 2 gives 2 * local sum / (local tokens + 9).
+    batch.num_processes, batch.reduce_sum = 2, lambda t: t + 9.0
+    expected = 0.1 * (-(batch.logps * mask).sum()) * 2 / (mask.sum() + 9.0)
+    assert plugin.po_loss_penalty(batch).item() == pytest.approx(expected.item())
+    batch.rewards = torch.zeros(6)  # no positive row here: 0, and the process still joins the count
+    assert plugin.po_loss_penalty(batch).item() == 0.0
 
 
 def _critic_weights():

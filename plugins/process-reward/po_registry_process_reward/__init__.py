@@ -28,9 +28,10 @@ def load_function(spec: str):
 
 
 def step_ends(token_texts: list[str]) -> list[int]:
-    """Indices of the last token of each step: every token containing a newline, and the final token."""
+    """Indices of the last token of each step: every token containing a newline, and the final token (an empty
+    completion has no step)."""
     ends = [i for i, text in enumerate(token_texts) if "\n" in text]
-    if not ends or ends[-1] != len(token_texts) - 1:
+    if token_texts and (not ends or ends[-1] != len(token_texts) - 1):
         ends.append(len(token_texts) - 1)
     return ends
 
@@ -73,7 +74,9 @@ class ProcessReward:
             ends = list(range(len(row))) if len(score) == len(row) else step_ends(
                 [tokenizer.decode([token]) for token in row])
             if len(score) != len(ends):
-                raise ValueError(f"completion {i}: {len(score)} rewards for {len(row)} tokens and {len(ends)} steps")
+                hint = " (an empty completion has no step: return [] for it)" if not row else ""
+                raise ValueError(f"completion {i}: {len(score)} rewards for {len(row)} tokens and {len(ends)} steps"
+                                 f"{hint}")
             rewards[i, ends] = torch.tensor(score, dtype=torch.float32, device=mask.device)
             steps[i, ends] = 1.0
         normalised = normalise_per_group(rewards, steps, G)

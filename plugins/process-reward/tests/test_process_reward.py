@@ -77,3 +77,51 @@ def test_wrong_number_of_rewards_names_the_completion(po_reward_batch):
 
 def too_many(completions, completion_ids, **kwargs):
     return [[0.0] * 9 for _ in completions]
+
+
+def steps_or_none(completions, completion_ids, **kwargs):
+    """Per-step rewards by hand for the group below: row 0 two steps, row 1 none (empty), row 2 one step."""
+    return [[1.0, 3.0], [], [5.0]][: len(completion_ids)]
+
+
+def one_step_even_when_empty(completions, completion_ids, **kwargs):
+    return [[0.0] for _ in completion_ids]
+
+
+def _group_with_an_empty_row(po_reward_batch, function):
+    _, batch = po_reward_batch(group_size=3, num_groups=1, width=4, options={"process_reward_function": function})
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]])  # row 1: no completion token
+    newline = batch.processing_class.convert_tokens_to_ids("\n")
+    digit = batch.processing_class.convert_tokens_to_ids("7")
+    ids = torch.tensor([[digit, newline, digit, 0], [0, 0, 0, 0], [digit, digit, 0, 0]])
+    batch.local["completion_ids"], batch.local["completion_mask"] = ids * mask, mask
+    return batch
+
+
+def test_a_row_without_steps_gets_no_dense_credit_and_no_weight(po_reward_batch):
+    """Steps: row 0 ends steps at tokens 1 (newline) and 2 (last), rewards 1 and 3; row 1 has none; row 2 one at
+    token 1, reward 5. Group statistics over the three real steps only: mean 3, Bessel std 2, so
+    r~ = (1 - 3)/2.0001 = -0.99995, (3 - 3)/2.0001 = 0, (5 - 3)/2.0001 = 0.99995; dense_t = sum of r~ of steps
+    ending at or after t."""
+    batch = _group_with_an_empty_row(po_reward_batch, "test_process_reward:steps_or_none")
+    dense = ProcessReward().po_token_rewards(batch)
+    expected = torch.tensor([[-0.99995, -0.99995, 0.0, 0.0],
+                             [0.0, 0.0, 0.0, 0.0],
+                             [0.99995, 0.99995, 0.0, 0.0]])
+    assert torch.allclose(dense, expected, atol=1e-5)
+
+
+def test_a_reward_for_an_empty_completion_is_refused(po_reward_batch):
+    """Before, the reward of an empty completion became a phantom step on its last (padding) column: with G = 2 and
+    one real step of reward 1, the group became {1, 0} and the real row got +0.707 instead of 0, the phantom -0.707."""
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=4,
+                               options={"process_reward_function": "test_process_reward:one_step_even_when_empty"})
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
+    batch.local["completion_ids"], batch.local["completion_mask"] = batch.local["completion_ids"][:2] * mask, mask
+    with pytest.raises(ValueError, match=r"completion 1: 1 rewards for 0 tokens and 0 steps \(an empty completion "
+                                         r"has no step: return \[\] for it\)"):
+        ProcessReward().po_token_rewards(batch)
+
+
+def test_step_ends_of_an_empty_completion():
+    assert step_ends([]) == []

@@ -52,3 +52,31 @@ def test_greedy_baseline_is_the_reward_of_the_greedy_completion(po_trainer):
         text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
         expected = partial_credit([text], [row["answer"]])[0]
         assert greedy[group * 4:(group + 1) * 4] == pytest.approx([expected] * 4, abs=1e-6)
+
+
+def always_one(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_greedy_baseline_goes_through_the_reward_shaping(po_trainer):
+    """remax + overlong-reward, L_max 4, L_cache 0.5 * 4 = 2: R_len = 0 up to 2 tokens, (2 - 3)/2 = -0.5 at 3,
+    -1 at 4. Every completion scores 1, so R = 1 + R_len(|y|) and the baseline is 1 + R_len(|y_greedy|); the tiny
+    random model's greedy decode runs to the cap (4 tokens), so the baseline is 1 - 1 = 0 (before: 1, unshaped)."""
+    from po_registry.trainer import rollout
+
+    trainer = po_trainer(["remax", "overlong-reward"], {"overlong_cache_fraction": 0.5}, reward_funcs=[always_one],
+                         max_completion_length=4, num_generations=4, per_device_train_batch_size=8)
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    out = rollout(trainer, [rows[0]] * 4 + [rows[1]] * 4)
+    penalty = {1: 0.0, 2: 0.0, 3: -0.5, 4: -1.0}
+    lengths = out["completion_mask"].sum(1).long().tolist()
+    assert out["po_rewards"].tolist() == pytest.approx([1.0 + penalty[n] for n in lengths], abs=1e-6)
+    greedy = out["po_rewards"] - out["advantages"]  # A = R - R_greedy
+    model, tokenizer = trainer.model, trainer.processing_class
+    for group, row in enumerate(rows):
+        ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            generated = model.generate(ids, do_sample=False, max_new_tokens=4, eos_token_id=trainer.eos_token_ids,
+                                       pad_token_id=tokenizer.pad_token_id)
+        assert generated.shape[1] - ids.shape[1] == 4  # the greedy completion reaches the cap: R_len = -1
+        assert greedy[group * 4:(group + 1) * 4].tolist() == pytest.approx([0.0] * 4, abs=1e-6)

@@ -4,8 +4,9 @@ Each completion token knows its turn k (``turn_index``, -1 for environment token
 (``turn_reward``) and the environment state it began in (``turn_state``). Advantages are per token: every action
 token of turn k gets its turn's advantage; environment tokens get none (they are out of the loss anyway).
 
-- ``turn-advantage`` (MT-GRPO, arXiv 2505.11821): A_{i,t} = A^out_i + lambda A^turn_{i,k(t)}, A^out the group-normalised
-  outcome reward, A^turn_{i,k} the turn reward normalised over the group's episodes that reached turn k.
+- ``turn-advantage`` (MT-GRPO, arXiv 2505.11821): A_{i,t} = A^out_i + lambda A^turn_{i,k(t)} on the tokens of every
+  turn but the episode's final one, A^out_i alone on the final turn; A^out the group-normalised outcome reward,
+  A^turn_{i,k} the turn-k reward normalised over the group's episodes in which turn k is not the final turn.
 - ``gigpo`` (GiGPO, arXiv 2505.10978): A_{i,t} = A^episode_i + omega A^step_{i,k(t)}; steps of a group that start from
   the same environment state form an anchor group, and A^step normalises the discounted return from the step,
   G_{i,k} = sum_{k' >= k} gamma^(k' - k) r_{i,k'}, within it (0 for an anchor state seen once).
@@ -34,8 +35,10 @@ class Turns:
         self.count = max(int(self.index.max().item()) + 1 if self.index.numel() else 0, 1)
         rewards = batch.token_field("turn_reward", fill=0.0)
         self.rewards = turns_from_tokens(rewards * batch.completion_mask, self.index, self.count)
-        positions = torch.arange(self.count, device=self.index.device)
-        self.exists = positions.unsqueeze(0) <= self.index.max(dim=1, keepdim=True).values
+        positions = torch.arange(self.count, device=self.index.device).unsqueeze(0)
+        last = self.index.max(dim=1, keepdim=True).values  # each episode's final turn (-1: none)
+        self.exists = positions <= last
+        self.intermediate = positions < last  # turns another turn of the same episode follows
         self.batch = batch
 
     def returns(self, gamma: float) -> torch.Tensor:
@@ -66,7 +69,9 @@ class TurnAdvantage:
     @hookimpl
     def po_compute_advantages(self, rewards, batch):
         turns = Turns(batch)
-        turn = group_normalize(turns.rewards, batch.group_size, present=turns.exists)
+        # MT-GRPO credits the turns before the final one with their own reward; the final turn's credit is the
+        # outcome's alone (its reward is part of the outcome, so a turn term there would count it twice).
+        turn = group_normalize(turns.rewards, batch.group_size, present=turns.intermediate)
         outcome = outcome_advantage(rewards, batch)
         batch.log_metric("turns/mean_turns", turns.exists.float().sum(dim=1).mean().item())
         return (outcome.unsqueeze(1) + batch.options["turn_advantage_coef"] * turns.per_token(turn)) * \

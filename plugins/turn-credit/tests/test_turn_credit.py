@@ -41,12 +41,20 @@ def _expected_tokens(turn_index, per_turn, per_row=None):
 
 
 def test_turn_advantage_by_hand(po_reward_batch):
+    """MT-GRPO: A = A^out + lambda A^turn on the turns before an episode's last, A^out alone on its last turn (the
+    authors' code: outcome + coef * turn advantage before the final answer, outcome after it)."""
     rewards, batch = _episodes(po_reward_batch, TURN_INDEX, TURN_REWARD, options={"turn_advantage_coef": 0.5})
     got = _component("turn-advantage").po_compute_advantages(rewards, batch)
     outcome = _normalised([1.5, 0.4])
-    turn0, turn1 = _normalised([0.5, 0.2]), _normalised([1.0, -0.1])
-    per_turn = [[0.5 * turn0[0], 0.5 * turn1[0]], [0.5 * turn0[1], 0.5 * turn1[1], 0.0]]  # turn 2: one episode
-    assert torch.allclose(got, _expected_tokens(TURN_INDEX, per_turn, outcome), atol=1e-4)
+    turn0 = _normalised([0.5, 0.2])  # turn 0 is intermediate in both episodes
+    # Turn 1: intermediate only in row 1 (one episode: 0); it is row 0's final turn. Turn 2: row 1's final turn.
+    per_turn = [[0.5 * turn0[0], 0.0], [0.5 * turn0[1], 0.0, 0.0]]
+    expected = _expected_tokens(TURN_INDEX, per_turn, outcome)
+    assert torch.allclose(got, expected, atol=1e-4)
+    # The numbers: A^out = +-0.55 / (0.77782 + 1e-4) = +-0.70702, A^turn_0 = +-0.15 / (0.21213 + 1e-4) = +-0.70677.
+    # Row 0's final-turn token had 0.70702 + 0.5 * 0.70702 = 1.06040 before (turn 1 z-scored over {1.0, -0.1}).
+    assert got[0].tolist() == pytest.approx([1.06041, 1.06041, 0.0, 0.70702, 0.0, 0.0], abs=1e-4)
+    assert got[1].tolist() == pytest.approx([-1.06041, 0.0, -0.70702, 0.0, -0.70702, 0.0], abs=1e-4)
 
 
 def test_turn_return_by_hand(po_reward_batch):
