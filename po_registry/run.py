@@ -8,10 +8,12 @@ A run directory holds ``adapter/`` (LoRA, loadable with peft) or ``model/`` (ful
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import signal
 import sys
 import threading
@@ -369,6 +371,34 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
 # -- the job ----------------------------------------------------------------------------------------------------
 
 
+class Processes:
+    """The processes of one launch (``torchrun``, ``accelerate launch``): all train, the main one writes the run."""
+
+    def __init__(self):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU, as use_cpu trains
+        self.main = self.state is None or self.state.is_main_process
+
+    def agree(self, value):
+        """The main process's ``value``, on every process."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def main_first(self):
+        return contextlib.nullcontext() if self.state is None else self.state.main_process_first()
+
+
 def train(args) -> int:
     import torch
 
@@ -376,16 +406,17 @@ def train(args) -> int:
     from .errors import PORegistryError
 
     run, trainer_overrides, options = resolve_settings(args)
+    processes = Processes()
     resume_from = None
     if args.resume:
         run_dir = Path(args.resume)
         resume_from = _last_checkpoint(run_dir)
-        if resume_from is None:  # stopped before its first checkpoint: nothing was trained, start it again
+        if resume_from is None and processes.main:  # stopped before its first checkpoint: start it again
             print(f"{run_dir}: no checkpoint yet; training the run from step 0 with its saved settings")
             for leftover in ("metrics.jsonl", "summary.json"):
                 (run_dir / leftover).unlink(missing_ok=True)
     else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = processes.agree(datetime.now().strftime("%Y%m%d-%H%M%S"))  # one run directory for all
         run_dir = Path(run["output_dir"] or f"runs/{run['task']}-{'+'.join(run['method'])}-{stamp}")
         if (run_dir / "config.yaml").exists():
             fail("train", f"--output-dir {run_dir} already holds a run; choose another or --resume it")
@@ -421,7 +452,11 @@ def train(args) -> int:
     except (TypeError, ValueError) as exc:
         fail("train", f"invalid trainer setting: {first_line(exc)}")
 
-    model, tokenizer = load_model(run["model"], embedded_task if run["model"] is None else task)
+    with processes.main_first():  # the main process builds (and caches) the embedded warm start
+        model, tokenizer = load_model(run["model"], embedded_task if run["model"] is None else task)
+    processes.wait()  # every process has checked everything before the main one writes
+    if not processes.main:
+        return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from, main=False)
     # Everything is valid: from here on the run directory is written.
     written = _RunDirectory(run_dir)
     # The settings that reproduce the run; values derived from them (max_steps, save_steps, ...) are left out
@@ -471,7 +506,8 @@ def _write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from) -> int:
+def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from, main: bool = True) -> int:
+    """Train; only the main process evaluates, prints and writes (the trainer saves checkpoints itself)."""
     from peft import LoraConfig
     from transformers import PrinterCallback
 
@@ -482,13 +518,14 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     started = time.time()
     before = previous.get("accuracy_before")
-    if before is None:
+    if before is None and main:
         before = task.evaluate(model, tokenizer, eval_problems)
-    print(f"{task.name}: {task.metric} before training {before:.1%} ({len(eval_problems)} held-out problems)")
+    if main:
+        print(f"{task.name}: {task.metric} before training {before:.1%} ({len(eval_problems)} held-out problems)")
     peft_config = LoraConfig(r=run["lora_r"], lora_alpha=2 * run["lora_r"], lora_dropout=0.0,
                              target_modules="all-linear") if use_lora else None
     progress = LiveProgress(run_dir / "metrics.jsonl", lambda m: task.evaluate(m, tokenizer, eval_problems),
-                            run["eval_every"], config.max_steps, before)
+                            run["eval_every"], config.max_steps, before or 0.0)
     trainer = PolicyOptimizationTrainer(model=model, reward_funcs=[reward], args=config,
                                         train_dataset=task.dataset(seed=run["seed"]), processing_class=tokenizer,
                                         peft_config=peft_config, callbacks=[progress],
@@ -499,7 +536,9 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = progress.accuracy
     target = run_dir / ("adapter" if use_lora else "model")
-    trainer.save_model(str(target))
+    trainer.save_model(str(target))  # every process takes part (sharded models); the main one writes
+    if not main:
+        return 130 if stop.requested else 0
     elapsed = time.time() - started + previous.get("seconds", 0.0)
     summary = {"task": task.name, "methods": config.methods, "steps": trainer.state.global_step,
                "accuracy_before": before, "accuracy_after": after, "seconds": round(elapsed, 1),
@@ -542,7 +581,15 @@ class StopOnSignal(TrainerCallback):
               file=sys.stderr)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested is not None:
+        requested = self.requested is not None
+        if args.world_size > 1:  # every process stops after the same step, or the others would wait forever
+            import torch
+
+            flag = torch.tensor(float(requested), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+            self.requested = self.requested or ("SIGINT" if requested else None)
+        if requested:
             control.should_save = True
             control.should_training_stop = True
 
@@ -562,16 +609,20 @@ class LiveProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
 
+        if not state.is_world_process_zero:
+            return
         self.bar = tqdm(total=self.total, initial=state.global_step, desc="training", unit="step")
         if state.global_step == 0:
             self._write({"step": 0, "eval_accuracy": self.accuracy})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
+        if logs and "reward" in logs and state.is_world_process_zero:
             self.reward = logs["reward"]
             self._write({"step": state.global_step, **logs})
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         step = state.global_step
         if step % self.eval_every == 0 or step == state.max_steps:
             self.accuracy = self.evaluate(model)
@@ -583,7 +634,8 @@ class LiveProgress(TrainerCallback):
         self.bar.set_postfix(postfix)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def plot(metrics_path: Path, out: Path, title: str = "") -> None:

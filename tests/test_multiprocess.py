@@ -49,3 +49,26 @@ def test_reward_side_methods_use_the_whole_batch_on_two_processes(tmp_path):
             assert torch.equal(torch.tensor(first[0]["critic"]), torch.tensor(second[0]["critic"]))
         if method == "rloo":  # leave-one-out advantages sum to zero within each group
             assert advantages.view(-1, 4).sum(dim=1).abs().max().item() < 1e-5
+
+
+def test_the_cli_under_torchrun_writes_one_run_and_resumes(tmp_path, model_cache):
+    """`torchrun -m po_registry train`: one run directory written by the main process (one metrics row per step,
+    one progress bar), and `--resume` under torchrun continues it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PO_REGISTRY_CACHE": str(model_cache)}
+
+    def torchrun(*argv):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", "po_registry", "train", *argv]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    first = torchrun("--steps", "3", "--eval-every", "3", "--eval-size", "16")
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    assert first.stdout.count("wrote ") == 1 and first.stdout.count("before training") == 1
+    torchrun("--resume", str(runs[0]), "--steps", "5", "--eval-every", "5")
+    rows = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 3, 5]
+    assert json.loads((runs[0] / "summary.json").read_text())["steps"] == 5
