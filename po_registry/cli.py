@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from .errors import UsageError, fail
+from .prompting import PROMPT_STYLES, prompted
 
 PROG = "po-registry"
 
@@ -73,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", help="embedded task (default: addition; see `po-registry tasks`)")
     train.add_argument("--dataset", help="a local file that `datasets` loads (csv, json, jsonl, parquet) with "
                        "'prompt' and 'answer' columns; evaluated on a held-out tenth")
-    train.add_argument("--reward", help="'exact' (default) or a Python reward function as module:function")
+    train.add_argument("--reward", help="'exact' (default: the task's answer check) or a Python reward function as "
+                       "module:function or file.py:function")
+    train.add_argument("--prompt-style", choices=PROMPT_STYLES, help="how prompts reach the model: chat (the "
+                       "tokenizer's chat template), few-shot, raw; default auto: chat when the tokenizer has a "
+                       "template, else raw (see docs/prompts.md)")
     lora = train.add_mutually_exclusive_group()
     lora.add_argument("--lora-r", type=_positive_int, help="LoRA rank (default 16)")
     lora.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA")
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="a LoRA adapter directory to apply (from `po-registry train`)")
     evaluate.add_argument("--task", default="addition", help="embedded task (default: addition)")
     evaluate.add_argument("--dataset", help="score a prompt/answer file's held-out tenth instead of a task")
+    evaluate.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
+                          help="as for train (default auto)")
     evaluate.add_argument("--eval-size", type=_positive_int, default=512, help="held-out problems (default 512)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
@@ -276,6 +283,16 @@ def _eval(args) -> int:
     if args.adapter:
         model_path = model_path or _adapter_base(args.adapter)
     model, tokenizer = load_model(model_path, task, command="eval")
+    style = args.prompt_style
+    saved = Path(args.adapter).parent / "config.yaml" if args.adapter else None
+    if style == "auto" and saved is not None and saved.is_file():  # the style the run trained with
+        import yaml
+
+        style = (yaml.safe_load(saved.read_text()) or {}).get("prompt_style", "auto")
+    try:
+        task = prompted(task, tokenizer, style)
+    except PORegistryError as exc:
+        fail("eval", str(exc))
     if args.adapter:
         from peft import PeftModel
 

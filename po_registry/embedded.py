@@ -60,23 +60,26 @@ def llama(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int, batch_size: int = 256) -> float:
-    """Fraction of problems whose greedy completion (text before EOS, stripped) equals the answer."""
+def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int, batch_size: int = 256, correct=None) -> float:
+    """Fraction of problems whose greedy completion (text before EOS, stripped) equals the answer, or that
+    ``correct(completion, answer)`` accepts."""
     from .tasks import is_correct
+
+    correct = correct or is_correct
 
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
-    correct = 0
+    right = 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         encoded = tokenizer([prompt for prompt, _ in chunk], return_tensors="pt", padding=True).to(model.device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(is_correct(text, answer) for text, (_, answer) in zip(texts, chunk))
+        right += sum(correct(text, answer) for text, (_, answer) in zip(texts, chunk))
     model.train(was_training)
-    return correct / max(len(problems), 1)
+    return right / max(len(problems), 1)
 
 
 def _sft_batch(tokenizer, problems):

@@ -25,6 +25,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .errors import fail, first_line
+from .prompting import PROMPT_STYLES, prompted
 from .tasks import SingleTurn
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -33,6 +34,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "task": "addition",
     "dataset": None,
     "reward": "exact",
+    "prompt_style": "auto",
     "lora_r": 16,
     "no_lora": False,
     "steps": 150,
@@ -104,12 +106,12 @@ def read_dataset(path: str, longest_completion: int = 64, command: str = "train"
         fail(command, f"--dataset {path}: missing column(s) {', '.join(sorted(missing))} "
                        f"(has {', '.join(data.column_names)})")
     for number, (prompt, answer) in enumerate(zip(data["prompt"], data["answer"]), start=1):
-        if isinstance(prompt, (list, dict)):
-            fail(command, f"--dataset {path}: row {number}: the prompt is a list of chat messages; this version "
-                          f"takes text prompts only")
-        if prompt is None or answer is None or not str(prompt).strip():
+        chat = isinstance(prompt, list)
+        if chat and not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
+            fail(command, f"--dataset {path}: row {number}: a chat prompt is a list of {{role, content}} messages")
+        if prompt is None or answer is None or not (prompt if chat else str(prompt).strip()):
             fail(command, f"--dataset {path}: row {number}: empty prompt or answer")
-    rows = [(str(p), str(a)) for p, a in zip(data["prompt"], data["answer"])]
+    rows = [(p if isinstance(p, list) else str(p), str(a)) for p, a in zip(data["prompt"], data["answer"])]
     if len(rows) < 10:
         fail(command, f"--dataset {path}: {len(rows)} rows; at least 10 are needed (a tenth is held out)")
     held_out = max(1, len(rows) // 10)
@@ -146,39 +148,63 @@ def _reward(spec: str, task):
     return function
 
 
-def load_model(model: str | None, task, command: str = "train"):
-    """(model, tokenizer) from a directory, a .gguf file, or the embedded warm start of ``task``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def model_location(model: str | None, task, command: str = "train") -> tuple[Path, dict[str, Any]]:
+    """Where ``--model`` is (a directory, a .gguf file, a named model, or the embedded warm start of ``task``),
+    and the keyword arguments that load it."""
+    from .models import NAMED_MODELS, named_model_dir
 
-    kwargs: dict[str, Any] = {}
     if model is None:
         if not hasattr(task, "make_problem"):
             task = resolve_task("addition")
-        location = _embedded(task)
-    elif model.lower().endswith(".gguf"):
+        return _embedded(task), {}
+    if model in NAMED_MODELS:
+        return named_model_dir(model, command), {}
+    if model.lower().endswith(".gguf"):
         file = Path(model)
         if not file.is_file():
             fail(command, f"--model {model}: no such file")
         if importlib.util.find_spec("gguf") is None:
             fail(command, "--model: reading a GGUF file needs the 'gguf' package (pip install gguf)")
-        location, kwargs = file.parent, {"gguf_file": file.name}
-    else:
-        location = Path(model)
-        if not (location / "config.json").is_file():
-            fail(command, f"--model {model}: not a model directory (no config.json)")
+        return file.parent, {"gguf_file": file.name}
+    location = Path(model)
+    if not (location / "config.json").is_file():
+        known = ", ".join(NAMED_MODELS)
+        fail(command, f"--model {model}: not a model directory (no config.json), a .gguf file or a named model "
+                      f"({known})")
+    return location, {}
+
+
+def load_tokenizer(location: Path, kwargs: dict, command: str = "train"):
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     except Exception as exc:
-        fail(command, f"--model {model or location}: cannot be loaded ({first_line(exc)})")
-    if getattr(loaded.config, "quantization_config", None) is not None and kwargs:  # GGUF: de-quantised weights
-        del loaded.config.quantization_config
-        loaded.hf_quantizer = None
+        fail(command, f"--model {location}: its tokenizer cannot be loaded ({first_line(exc)})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return loaded, tokenizer
+    return tokenizer
+
+
+def load_weights(location: Path, kwargs: dict, command: str = "train"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except Exception as exc:
+        fail(command, f"--model {location}: cannot be loaded ({first_line(exc)})")
+    if getattr(loaded.config, "quantization_config", None) is not None and kwargs:  # GGUF: de-quantised weights
+        del loaded.config.quantization_config
+        loaded.hf_quantizer = None
+    return loaded
+
+
+def load_model(model: str | None, task, command: str = "train"):
+    """(model, tokenizer) from a directory, a .gguf file, a named model, or the embedded warm start of ``task``."""
+    location, kwargs = model_location(model, task, command)
+    return load_weights(location, kwargs, command), load_tokenizer(location, kwargs, command)
 
 
 def _embedded(task) -> Path:
@@ -259,15 +285,17 @@ def _check_run_value(source: str, key: str, value: Any) -> Any:
     elif key == "no_lora":
         if not isinstance(value, bool):
             fail("train", f"{source}: no_lora must be true or false, got {value!r}")
+    elif key == "prompt_style" and value not in PROMPT_STYLES:
+        fail("train", f"{source}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {value!r}")
     elif value is not None and not isinstance(value, str):
         fail("train", f"{source}: {key} must be a string, got {value!r}")
     return value
 
 
 # What a run is: resuming it with another of these would train a different run on its checkpoint.
-RUN_IDENTITY = ("method", "model", "task", "dataset", "reward", "lora_r", "no_lora")
+RUN_IDENTITY = ("method", "model", "task", "dataset", "reward", "prompt_style", "lora_r", "no_lora")
 FLAGS = {"method": "--method", "model": "--model", "task": "--task", "dataset": "--dataset", "reward": "--reward",
-         "lora_r": "--lora-r", "no_lora": "--no-lora"}
+         "prompt_style": "--prompt-style", "lora_r": "--lora-r", "no_lora": "--no-lora"}
 
 
 def _read_yaml(source: Path) -> dict:
@@ -428,7 +456,15 @@ def train(args) -> int:
     except PORegistryError as exc:
         fail("train", str(exc))
     task = read_dataset(run["dataset"]) if run["dataset"] else embedded_task
-    reward = _reward(run["reward"], task)
+    custom_reward = None if run["reward"] == "exact" else _reward(run["reward"], task)
+    with processes.main_first():  # the main process builds (and caches) the embedded warm start
+        location, load_kwargs = model_location(run["model"], embedded_task if run["model"] is None else task)
+    tokenizer = load_tokenizer(location, load_kwargs)
+    try:
+        task = prompted(task, tokenizer, run["prompt_style"])
+    except PORegistryError as exc:
+        fail("train", str(exc))
+    reward = custom_reward or task.reward_function()
     use_lora = not run["no_lora"]
     learning_rate = run["learning_rate"] if run["learning_rate"] is not None else (5e-4 if use_lora else 5e-5)
     settings = {
@@ -452,8 +488,7 @@ def train(args) -> int:
     except (TypeError, ValueError) as exc:
         fail("train", f"invalid trainer setting: {first_line(exc)}")
 
-    with processes.main_first():  # the main process builds (and caches) the embedded warm start
-        model, tokenizer = load_model(run["model"], embedded_task if run["model"] is None else task)
+    model = load_weights(location, load_kwargs)
     processes.wait()  # every process has checked everything before the main one writes
     if not processes.main:
         return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from, main=False)
@@ -545,6 +580,10 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
                "lora": use_lora, "saved": target.name}
     if stop.requested:
         summary["interrupted"] = stop.requested
+    summary["steps_without_reward_variance"] = progress.flat_steps
+    if progress.logged_steps and progress.flat_steps == progress.logged_steps:
+        summary["warning"] = "no group had any reward variance on any step: nothing was learned from the reward"
+        print(f"warning: {summary['warning']}. {FLAT_HINT}", file=sys.stderr)
     summary_path.write_text(json.dumps(summary, indent=2))
     plot(run_dir / "metrics.jsonl", run_dir / "plot.png", title=f"{task.name} - {'+'.join(config.methods)}")
     if stop.requested:
@@ -594,6 +633,11 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+FLAT_WARNING_STEPS = 3
+FLAT_HINT = ("Check that the model can earn the reward: the prompt style (--prompt-style, docs/prompts.md), the "
+             "reward function, max_completion_length.")
+
+
 class LiveProgress(TrainerCallback):
     """A progress bar with live reward and accuracy; writes every log and evaluation to metrics.jsonl."""
 
@@ -601,6 +645,7 @@ class LiveProgress(TrainerCallback):
         self.metrics_path, self.evaluate = metrics_path, evaluate
         self.eval_every, self.total = eval_every, total_steps
         self.accuracy, self.reward, self.bar = accuracy, None, None
+        self.flat_steps, self.logged_steps, self.warned = 0, 0, False  # steps where no group had reward variance
 
     def _write(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -619,6 +664,14 @@ class LiveProgress(TrainerCallback):
         if logs and "reward" in logs and state.is_world_process_zero:
             self.reward = logs["reward"]
             self._write({"step": state.global_step, **logs})
+            self.logged_steps += 1
+            if logs.get("frac_reward_zero_std", 0.0) >= 1.0:
+                self.flat_steps += 1
+                if self.flat_steps >= FLAT_WARNING_STEPS and self.flat_steps == self.logged_steps and not self.warned:
+                    self.warned = True
+                    message = (f"warning: in every group of the first {self.flat_steps} steps all completions got "
+                               f"the same reward (mean {self.reward:.3f}): no gradient signal. {FLAT_HINT}")
+                    (self.bar.write if self.bar is not None else print)(message)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
