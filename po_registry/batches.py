@@ -122,6 +122,7 @@ class LossBatch:
     args: Any
     inputs: Mapping[str, Any]  # the raw micro-batch dict from the rollout (with what reward-side stages carried)
     rewards: torch.Tensor | None = None  # (B,) weighted, shaped reward of each row (NaN: unscored)
+    process_index: int = 0  # this process's place in the order of ``gather`` and ``gather_ragged``
     step: int = 0
     training: bool = True
     log_metric: Callable[[str, float], None] = _ignore_metric

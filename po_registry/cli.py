@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Each method, which side each of its components changes, the "
                                   "failure it targets and its paper.")
     methods.add_argument("--json", action="store_true", help="print JSON")
+    methods.add_argument("--oracle", action="store_true", help="also run the gradient oracle on every method "
+                         "(about 15 s; its table is in docs/methods.md)")
 
     explain = commands.add_parser("explain", help="the assembled pipeline of one or more methods",
                                   description="Which plugin owns each stage, the options and whether the "
@@ -180,7 +182,9 @@ def _plugins(args) -> int:
 def _methods(args) -> int:
     from .docs import method_map
 
-    rows = method_map()
+    if args.oracle:
+        print("running the gradient oracle on every method (about 15 s)...", file=sys.stderr, flush=True)
+    rows = method_map(oracle=args.oracle)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -193,6 +197,25 @@ def _methods(args) -> int:
             print(f"  {'targets:':17s} {row['targets']}")
         if row["paper"]:
             print(f"  {'paper:':17s} {row['paper']}")
+        results = row.get("oracle") or []
+        if results:
+            first = results[0]
+            settings = f"; run with {first['settings']}" if first["settings"] else ""
+            print(f"  {'objective:':17s} {first['objective']}  (declared bias: {first['declared_bias']}{settings})")
+            verdicts = []
+            for result in results:
+                if result["error"] != result["error"]:  # NaN: not run
+                    verdicts.append(f"{result['setup']} {'FAIL' if result['passed'] is False else 'not checked'}")
+                else:
+                    word = {True: "pass", False: "FAIL", None: "reported"}[result["passed"]]
+                    verdicts.append(f"{result['setup']} {word} (error {result['error']:.2f}, tolerance "
+                                    f"{result['tolerance']:.2f})")
+            cosine = "" if first["cosine"] != first["cosine"] else f"cosine {first['cosine']:.2f}, "
+            bias = "" if first["bias"] != first["bias"] else f"bias {first['bias']:.2f}; "
+            print(f"  {'oracle:':17s} {cosine}{bias}{'; '.join(verdicts)}")
+            notes = sorted({result["note"] for result in results if result["note"]})
+            if notes:
+                print(f"  {'':17s} {'; '.join(notes)}")
     return 0
 
 

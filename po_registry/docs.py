@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import sys
 from pathlib import Path
 
@@ -78,9 +79,45 @@ def hook_reference(registry: Registry | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def method_map(registry: Registry | None = None) -> list[dict]:
-    """Each method with its components grouped by the side of the stages they implement."""
+# Settings the oracle runs a method with when its defaults do not assemble: (options, GRPOConfig fields).
+ORACLE_SETTINGS = {
+    "kl": ({}, {"beta": 0.04}),
+    "kl-reward": ({}, {"beta": 0.04}),
+    "process-reward": ({"process_reward_function": "po_registry.oracle:a_steps"}, {}),
+}
+ORACLE_BUDGET = {"batches": 16, "rows": 256}  # per method and set-up: about 0.1 s; the conformance suite runs more
+
+
+_ORACLE_CACHE: dict[tuple, dict[str, list[dict]]] = {}
+
+
+def oracle_results(registry: Registry | None = None) -> dict[str, list[dict]]:
+    """The gradient oracle's verdict on every method (:mod:`po_registry.oracle`), by method: one dict per set-up
+    (with the ``settings`` it ran with); computed once per registry."""
+    import warnings
+
+    from .oracle import check_all
+
     registry = registry or get_registry()
+    key = (id(registry), tuple(sorted(registry.methods)))
+    if key not in _ORACLE_CACHE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the configurations' coupling warnings are not the oracle's business
+            results = check_all(registry=registry, settings=ORACLE_SETTINGS, **ORACLE_BUDGET)
+        by_method: dict[str, list[dict]] = {}
+        for result in results:
+            options, config = ORACLE_SETTINGS.get(result.method, ({}, {}))
+            settings = ", ".join(f"{name}={value}" for name, value in {**options, **config}.items())
+            by_method.setdefault(result.method, []).append({**result.as_dict(), "settings": settings})
+        _ORACLE_CACHE[key] = by_method
+    return _ORACLE_CACHE[key]
+
+
+def method_map(registry: Registry | None = None, oracle: bool = True) -> list[dict]:
+    """Each method with its components grouped by the side of the stages they implement, and (``oracle``) the
+    gradient oracle's verdict on it."""
+    registry = registry or get_registry()
+    verdicts = oracle_results(registry) if oracle else {}
     rows = []
     for method in sorted(registry.methods.values(), key=lambda m: m.name):
         sides: dict[str, list[str]] = {"reward": [], "trajectory": []}
@@ -90,9 +127,65 @@ def method_map(registry: Registry | None = None) -> list[dict]:
                 continue
             for side in sorted({getattr(hookspecs, h).po_stage.side for h in info.hooks} - {"lifecycle"}):
                 sides[side].append(component)
-        rows.append({"method": method.name, "side": method.side, "components": sides, "targets": method.targets,
-                     "summary": method.summary, "paper": method.paper, "plugin": method.plugin})
+        row = {"method": method.name, "side": method.side, "components": sides, "targets": method.targets,
+               "summary": method.summary, "paper": method.paper, "plugin": method.plugin}
+        if oracle:
+            row["oracle"] = verdicts.get(method.name, [])
+        rows.append(row)
     return rows
+
+
+def _verdict(result: dict) -> str:
+    if math.isnan(result["error"]):
+        return "FAIL" if result["passed"] is False else "—"
+    word = {True: "pass", False: "FAIL", None: "reported"}[result["passed"]]
+    return f"{word} {result['error']:.2f} / {result['tolerance']:.2f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bar inside a table cell would end it
+
+
+def _number(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.2f}"
+
+
+def oracle_markdown(rows: list[dict]) -> list[str]:
+    """The oracle's table: claimed objective, declared bias, and per set-up the error against the tolerance."""
+    from .oracle import SETUPS
+
+    lines = [
+        "## Gradient oracle",
+        "",
+        "`po_registry.oracle` on a policy it can enumerate (3 tokens, completions of up to 3, a logit table as the "
+        "parameters): the mean gradient of each method's loss through its own pipeline, over sampled batches "
+        f"({ORACLE_BUDGET['batches']} x {ORACLE_BUDGET['rows']} completions per set-up here), against the exact "
+        "expectation that its declared objective and biases imply. *cosine*: of the measured gradient with the "
+        "claimed objective's gradient (standard set-up); *bias*: relative size of the declared expectation's part "
+        "that the objective does not explain; per set-up, the relative error and the tolerance sampling noise "
+        "allows. Set-ups: standard; environment (an environment token inside every longer completion, and empty "
+        "episodes); equal rewards (environment completions all rewarded alike). "
+        + "Methods that need settings run with " + "; ".join(
+            f"`{name}`: " + ", ".join(f"{key}={value}" for key, value in {**options, **config}.items())
+            for name, (options, config) in ORACLE_SETTINGS.items()) + ".",
+        "",
+        "| method | claimed objective | declared bias | bias | cosine | " + " | ".join(SETUPS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(SETUPS),
+    ]
+    for row in rows:
+        results = {result["setup"]: result for result in row.get("oracle", [])}
+        first = results.get(SETUPS[0])
+        if first is None:
+            continue
+        objective = _cell(first["objective"])
+        if all(math.isnan(result["error"]) and result["passed"] is None for result in results.values()):
+            lines.append(f"| `{row['method']}` | {objective} | not checked: {_cell(first['note'])} | | |"
+                         + " |" * len(SETUPS))
+            continue
+        cells = " | ".join(_verdict(results[setup]) if setup in results else "—" for setup in SETUPS)
+        lines.append(f"| `{row['method']}` | {objective} | {_cell(first['declared_bias'])} | "
+                     f"{_number(first['bias'])} | {_number(first['cosine'])} | {cells} |")
+    return lines
 
 
 def methods_markdown(registry: Registry | None = None) -> str:
@@ -105,11 +198,13 @@ def methods_markdown(registry: Registry | None = None) -> str:
         "| method | side | reward-side components | trajectory-side components | targets | paper |",
         "|---|---|---|---|---|---|",
     ]
-    for row in method_map(registry):
+    rows = method_map(registry)
+    for row in rows:
         reward = ", ".join(row["components"]["reward"]) or "—"
         trajectory = ", ".join(row["components"]["trajectory"]) or "—"
         lines.append(f"| `{row['method']}` | {row['side']} | {reward} | {trajectory} | {row['targets']} | "
                      f"{row['paper']} |")
+    lines += ["", *oracle_markdown(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -75,11 +75,18 @@ def stage(side: Side, combine: Combine):
 def po_register_methods(register):
     """Register named methods.
 
-    Call ``register(name, components=[...], options={...}, side=..., summary=..., targets=..., paper=...)`` once per
-    method. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in ``grpo``
+    Call ``register(name, components=[...], options={...}, side=..., summary=..., targets=..., paper=...,
+    objective=...)`` once per method. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in ``grpo``
     baseline with each single-owner stage taken over by the component that implements it and each composable
     component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
     baseline components the method removes (for example ``["reference-kl"]`` for a method with KL in the reward).
+    ``objective`` declares what the method's loss claims to follow, for the gradient oracle of the conformance suite
+    (:mod:`po_registry.oracle`): a :class:`~po_registry.oracle.Objective`, or a function ``(args, options) ->
+    Objective`` when it depends on the configuration. It states the claim (E[R], a KL to the reference or a teacher,
+    reward shaping) and the biases by design (the advantage's baseline and scaling, the loss aggregation, dense
+    rewards, KL terms in the loss, token masks and weights, dropped rows), each relative to what the baseline's
+    remaining components already do; the oracle checks the mean gradient of the assembled loss against the exact
+    expectation, on a policy it can enumerate. An objective that is neither is a load fault naming the method.
     Registering a name that another plugin already registered is reported as a load fault naming both plugins.
     """
 

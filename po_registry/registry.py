@@ -87,6 +87,9 @@ class Method:
     summary: str = ""
     targets: str = ""
     paper: str = ""
+    # What the method's loss claims to follow, for the gradient oracle: a po_registry.oracle.Objective, or a
+    # function (args, options) -> Objective when it depends on the configuration; None: undeclared.
+    objective: Any = None
 
 
 @dataclass
@@ -221,14 +224,21 @@ class Registry:
     def _method_adder(self, plugin: str):
         def register(name: str, components: Iterable[str] = (), options: Mapping[str, Any] | None = None,
                      replaces: Iterable[str] = (), side: str = "", summary: str = "", targets: str = "",
-                     paper: str = "") -> None:
+                     paper: str = "", objective: Any = None) -> None:
             if name in self.methods:
                 other = self.methods[name].plugin
                 self._fault(plugin, f"method {name!r} is already registered by plugin {other!r}")
                 self._fault(other, f"method {name!r} is also registered by plugin {plugin!r}")
                 return
+            if objective is not None:
+                from .oracle import Objective
+
+                if not (isinstance(objective, Objective) or callable(objective)):
+                    self._fault(plugin, f"method {name!r}: objective must be a po_registry.oracle.Objective or a "
+                                        f"function (args, options) -> Objective, got {type(objective).__name__}")
+                    return
             self.methods[name] = Method(name, tuple(components), plugin, dict(options or {}), tuple(replaces),
-                                        side, summary, targets, paper)
+                                        side, summary, targets, paper, objective)
 
         return register
 

@@ -12,7 +12,9 @@ line in a plugin's tests::
 It checks the method's assembled pipeline: documented shapes, dtypes, devices and finite values on every stage;
 gradients where they must flow and none at masked positions; masked positions without effect on the loss;
 degenerate groups (all-equal rewards, groups of two, fully masked rows, length-1 completions); determinism under a
-seed; options that reject bad values with a message naming them; and a short end-to-end training run.
+seed; options that reject bad values with a message naming them; the gradient oracle (the mean gradient of the loss
+on an enumerable policy against the exact gradient of the objective the method declares); and a short end-to-end
+training run.
 
 Heavy libraries are imported inside the fixtures, so that loading this plugin costs pytest nothing.
 """
@@ -338,6 +340,18 @@ class PluginConformance:
         changed.backward()
         assert torch.allclose(loss, changed, atol=1e-6), "values at masked positions changed the loss"
         assert torch.allclose(batch.logps.grad[~masked], other.logps.grad[~masked], atol=1e-6)
+
+    def test_gradient_follows_its_declared_objective(self):
+        """The first-principles oracle (:mod:`po_registry.oracle`): on a policy small enough to enumerate, the mean
+        gradient of this pipeline's loss over sampled batches matches the exact expectation that the method's
+        declared objective and biases imply, on each set-up (holes in the mask, empty rows, equal rewards)."""
+        from .oracle import SETUPS, check_method
+
+        results = [check_method(self.method, self.options, self.config, setup=setup) for setup in SETUPS]
+        failed = [result.describe() for result in results if result.passed is False]
+        assert not failed, "the loss does not follow its declared objective:\n" + "\n".join(failed)
+        if all(result.passed is None for result in results):
+            pytest.skip(f"oracle: {results[0].note or results[0].declared_bias}")
 
     def test_deterministic_under_a_seed(self):
         import torch

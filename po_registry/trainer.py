@@ -22,6 +22,7 @@ from trl.data_utils import is_conversational
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
+from .errors import OptionError
 from .pipeline import Pipeline, assemble
 
 STATE_FILE = "po_registry_state.pt"
@@ -54,6 +55,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         if kwargs.get("rollout_func") is not None:  # multi-turn environments are a supported use here
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         super().__init__(model, reward_funcs, args, **kwargs)
+        _refuse_dropped_fsdp(self)
         self.po_pipeline.setup(self)
 
     @property
@@ -297,6 +299,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
             steps_per_generation=self.args.steps_per_generation,
             num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
             max_completion_length=self.max_completion_length,
             options=self.po_options,
             args=self.args,
@@ -330,6 +333,17 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.exists(path):
             self.po_pipeline.load_state_dict(torch.load(path, weights_only=False))
+
+
+def _refuse_dropped_fsdp(trainer: GRPOTrainer) -> None:
+    """accelerate (1.16) shards with FSDP only across GPU-type processes; on CPU it drops an FSDP request without a
+    word and trains plain data-parallel. Say so instead of training something else than asked."""
+    asked = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled:
+        state = f"{trainer.accelerator.distributed_type.value}, {trainer.accelerator.device}"
+        raise OptionError(f"FSDP was asked for (fsdp / an accelerate FSDP config) but accelerate did not enable it on "
+                          f"these processes ({state}): it shards across GPUs only; on CPU train data-parallel with "
+                          "torchrun --nproc_per_node N (examples/README.md)")
 
 
 # -- TRL access for the test kit: rollouts and micro-batch losses of any GRPOTrainer, ours or TRL's ---------------

@@ -250,6 +250,8 @@ class BaselineMethod:
 
     @hookimpl
     def po_register_methods(self, register):
+        from ..oracle import Objective
+
         register(
             "grpo",
             components=list(COMPONENTS),
@@ -257,4 +259,5 @@ class BaselineMethod:
             summary="TRL GRPOTrainer baseline: follows GRPOConfig's loss_type, scale_rewards, epsilon, beta, ...",
             targets="policy-sized critic (group-relative baseline instead)",
             paper="arXiv 2402.03300",
+            objective=Objective(),  # what each component does under the GRPOConfig: oracle.baseline_objective
         )

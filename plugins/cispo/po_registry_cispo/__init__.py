@@ -13,6 +13,8 @@ from po_registry.ops import aggregate
 class CISPO:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register(
             "cispo",
             components=["cispo"],
@@ -20,6 +22,7 @@ class CISPO:
             summary="CISPO: clip the stop-gradient importance weight, never drop a token's gradient",
             targets="PPO clipping drops the gradients of rare pivotal tokens over many off-policy updates",
             paper="arXiv 2506.13585",
+            objective=Objective(aggregation="tokens"),  # at ratio 1 the weight is 1: the policy gradient
         )
 
     @hookimpl

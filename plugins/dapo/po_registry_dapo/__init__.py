@@ -22,9 +22,12 @@ PAPER = "arXiv 2503.14476"
 class ClipHigher:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("clip-higher", components=["clip-higher"], side="trajectory", paper=PAPER,
                  summary="DAPO's clip-higher (0.2 / 0.28) with the token-level loss",
-                 targets="entropy collapse: a symmetric upper clip keeps low-probability exploration tokens down")
+                 targets="entropy collapse: a symmetric upper clip keeps low-probability exploration tokens down",
+                 objective=Objective(aggregation="tokens"))  # at ratio 1 no clip binds
 
     @hookimpl
     def po_declare_options(self, register):
@@ -48,9 +51,12 @@ class ClipHigher:
 class OverlongFilter:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("overlong-filter", components=["overlong-filter"], side="trajectory", paper=PAPER,
                  summary="drop truncated completions from the loss",
-                 targets="truncated samples punished as wrong inject reward noise")
+                 targets="truncated samples punished as wrong inject reward noise",
+                 objective=Objective(drop_truncated=True))
 
     @hookimpl
     def po_select_samples(self, batch):
@@ -67,9 +73,14 @@ def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) ->
 class OverlongReward:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Rule
+
         register("overlong-reward", components=["overlong-reward"], side="reward", paper=PAPER,
                  summary="DAPO's soft overlong punishment added to the reward",
-                 targets="over-long answers; a smooth penalty instead of a cliff at the length cap")
+                 targets="over-long answers; a smooth penalty instead of a cliff at the length cap",
+                 objective=Objective(shaping=(Rule("soft overlong penalty", lambda world, options: soft_overlong_penalty(
+                     world.lengths, world.max_completion_length,
+                     max(1, round(options["overlong_cache_fraction"] * world.max_completion_length)))),)))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -108,9 +119,12 @@ def add_to_weighted_reward(rewards: torch.Tensor, weights: torch.Tensor, bonus: 
 class DynamicSampling:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("dynamic-sampling", components=["dynamic-sampling"], side="both", paper=PAPER,
                  summary="drop all-equal-reward groups and refill the batch with fresh prompts",
-                 targets="groups with zero reward variance give no gradient (A = 0/0) and shrink the effective batch")
+                 targets="groups with zero reward variance give no gradient (A = 0/0) and shrink the effective batch",
+                 objective=Objective(drop_equal_groups=True))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -130,7 +144,10 @@ class DynamicSampling:
 class DAPO:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("dapo", components=["clip-higher", "overlong-filter", "overlong-reward", "dynamic-sampling"],
                  side="both", paper=PAPER,
                  summary="DAPO: clip-higher, token-level loss, overlong filtering and shaping, dynamic sampling",
-                 targets="clip-variance coupling: entropy collapse with vanishing group variance")
+                 targets="clip-variance coupling: entropy collapse with vanishing group variance",
+                 objective=Objective())  # its four components' declarations

@@ -13,6 +13,8 @@ class DrGRPO:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register(
             "dr-grpo",
             components=["dr-grpo"],
@@ -20,6 +22,7 @@ class DrGRPO:
             summary="Dr.GRPO: advantages without std scaling, loss over a constant B * L_max",
             targets="length bias (1/|o| favours short right and long wrong answers) and difficulty bias (std)",
             paper="arXiv 2503.20783",
+            objective=Objective(advantage="mean", aggregation="max_length"),
         )
 
     @hookimpl

@@ -13,6 +13,8 @@ from po_registry.ops import clipped_surrogate
 class DualClip:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register(
             "dual-clip",
             components=["dual-clip"],
@@ -20,6 +22,7 @@ class DualClip:
             summary="dual-clip PPO: bound the loss of negative-advantage tokens at c * |A|",
             targets="a very large ratio on a negative-advantage token yields an unbounded, destabilising update",
             paper="arXiv 1912.09729",
+            objective=Objective(),  # at ratio 1 neither clip binds: the baseline's policy gradient
         )
 
     @hookimpl

@@ -17,6 +17,8 @@ class GMPO:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register(
             "gmpo",
             components=["gmpo"],
@@ -24,6 +26,7 @@ class GMPO:
             summary="GMPO: geometric mean of token ratios clipped in log space (e^-0.4, e^0.4)",
             targets="outlier token ratios dominate the arithmetic mean and force narrow clips that kill exploration",
             paper="arXiv 2507.20673",
+            objective=Objective(aggregation="length"),  # at ratio 1: A (1/|o|) sum_t grad log pi per sequence
         )
 
     @hookimpl

@@ -21,6 +21,8 @@ class GSPO:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register(
             self.name,
             components=[self.name],
@@ -29,6 +31,7 @@ class GSPO:
             targets="per-token importance weights add length-growing noise amplified by clipping; MoE routing "
                     "volatility",
             paper="arXiv 2507.18071",
+            objective=Objective(aggregation="length"),  # at ratio 1: A (1/|y|) sum_t grad log pi per sequence
         )
 
     @hookimpl

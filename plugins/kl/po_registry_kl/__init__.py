@@ -21,6 +21,8 @@ from po_registry.ops import kl_estimate, returns_to_go
 class KLPenalty:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Term, in_loss_divergence
+
         register(
             "kl",
             components=["kl"],
@@ -29,6 +31,8 @@ class KLPenalty:
             summary="KL to the reference in the loss, estimator k1, k2 or k3, optionally importance-corrected",
             targets="drift from the reference policy; the estimator trades bias for variance",
             paper="http://joschu.net/blog/kl-approx.html; arXiv 2512.02556 (importance-corrected)",
+            objective=lambda args, options: Objective(kl_reference=args.beta, terms=(Term(in_loss_divergence(
+                options["kl_estimator"], options["kl_importance_correction"]), args.beta),)),
         )
 
     @hookimpl
@@ -55,6 +59,8 @@ class KLPenalty:
 class KLReward:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Dense, Objective
+
         register(
             "kl-reward",
             components=["kl-reward"],
@@ -64,6 +70,8 @@ class KLReward:
                     "earlier token",
             targets="drift from the reference, with the KL as a reward (no gradient through the estimate)",
             paper="PPO/RLOO/REINFORCE++ (arXiv 2501.03262)",
+            objective=lambda args, options: Objective(kl_reference=args.beta, dense=(
+                Dense("reference", args.beta, gamma=1.0, estimator=options["kl_reward_estimator"]),)),
         )
 
     @hookimpl

@@ -27,9 +27,15 @@ def negative_reward_message(rewards: torch.Tensor, total: torch.Tensor, batch) -
 class MaxRL:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Rule
+
         register("maxrl", components=["maxrl"], side="reward", paper="arXiv 2602.02710",
                  summary="MaxRL: advantages scaled by the group mean reward (the success rate for 0/1 rewards)",
-                 targets="std scaling's difficulty bias; learning from rare successes on hard prompts")
+                 targets="std scaling's difficulty bias; learning from rare successes on hard prompts",
+                 objective=Objective(log_reward=True, rewards="non_negative", advantage=Rule(  # maximum likelihood
+                     "mean scaling (R - mean) / (mean + eps)", lambda rewards, lengths, options:
+                     (rewards - rewards.mean(1, keepdim=True))
+                     / (rewards.mean(1, keepdim=True) + options["maxrl_eps"]))))
 
     @hookimpl
     def po_declare_options(self, register):

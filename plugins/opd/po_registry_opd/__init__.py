@@ -104,7 +104,8 @@ def rollout_signal(batch) -> torch.Tensor:
     """(B, T) teacher signal on this process's rows of a generation batch, against the sampling policy."""
     mask = batch.local["completion_mask"].float()
     signal = teacher_signal(batch.local, batch.policy_logps(), mask, batch.options, batch.args)
-    batch.log_metric("opd/reverse_kl", -masked_mean(signal, mask).item())
+    total, tokens = batch.gather(torch.stack([signal.sum(), mask.sum()]).reshape(1, 2)).sum(0)  # every process's
+    batch.log_metric("opd/reverse_kl", -(total / tokens.clamp(min=1.0)).item())
     return signal
 
 
@@ -223,9 +224,16 @@ class PureOPD:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Dense, Objective
+
         register("opd", components=["teacher", "opd"], side="reward", paper=PAPER,
                  summary="pure on-policy distillation: the teacher's per-token log-ratio is the reward",
-                 targets="SFT's compounding errors and RL's sparse reward (a boundary case: it leaves J(theta))")
+                 targets="SFT's compounding errors and RL's sparse reward (a boundary case: it leaves J(theta))",
+                 objective=lambda args, options: Objective(  # -KL(p_theta || p_T); opd_gamma < 1: token by token
+                     not_applicable="the full-vocabulary divergence needs the student model" if options[
+                         "opd_divergence"] == "full" else "", reward=0.0, kl_teacher=1.0, advantage="zero",
+                     dense=(Dense("teacher", 1.0, gamma=options["opd_gamma"], clip=options["opd_clip"]),),
+                     needs={"teacher": lambda model: TEACHER.use(model=model)}))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -277,9 +285,15 @@ class TeacherRatio:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Rule
+
         register("opd-ratio", components=["teacher", "opd-ratio"], side="trajectory", paper=PAPER,
                  summary="GRPO-OPD T_A: weight each token's loss by the capped teacher/student probability ratio",
-                 targets="sparse verifier reward; tokens the teacher prefers get more weight")
+                 targets="sparse verifier reward; tokens the teacher prefers get more weight",
+                 objective=Objective(needs={"teacher": lambda model: TEACHER.use(model=model)}, token_weights=(Rule(
+                     "teacher ratio weights min(exp(lambda r_t), cap)", lambda world, options: torch.exp(
+                         options["opd_lambda"] * world.teacher_log_ratio(options["opd_clip"])).clamp(
+                         max=options["opd_ratio_cap"])),)))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -300,9 +314,14 @@ class TeacherAdvantage:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Dense, Objective
+
         register("opd-advantage", components=["teacher", "opd-advantage"], side="reward", paper=PAPER,
                  summary="GRPO-OPD T_B: A_{i,t} = A_i + lambda (log pi_T - log pi_old) per token",
-                 targets="sparse verifier reward: dense per-token credit from a teacher")
+                 targets="sparse verifier reward: dense per-token credit from a teacher",
+                 objective=lambda args, options: Objective(  # each token its own log-ratio: a token-level KL
+                     kl_teacher=options["opd_lambda"], needs={"teacher": lambda model: TEACHER.use(model=model)},
+                     dense=(Dense("teacher", options["opd_lambda"], gamma=0.0, clip=options["opd_clip"]),)))
 
     @hookimpl
     def po_check_config(self, args, assembly):
@@ -321,9 +340,16 @@ class TeacherReward:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Rule, baseline_advantage
+
         register("opd-reward", components=["teacher", "opd-reward"], side="reward", paper=PAPER,
                  summary="GRPO-OPD T_C: the length-normalised teacher log-ratio is an extra reward of weight lambda",
-                 targets="sparse verifier reward: in-expectation distillation on the reward side")
+                 targets="sparse verifier reward: in-expectation distillation on the reward side",
+                 objective=lambda args, options: baseline_advantage(args).then(Objective(
+                     needs={"teacher": lambda model: TEACHER.use(model=model)},
+                     shaping=(Rule("lambda x mean teacher log-ratio", lambda world, options: options["opd_lambda"]
+                                   * world.teacher_log_ratio(options["opd_clip"]).sum(1)
+                                   / world.loss_tokens.clamp(min=1.0)),))))
 
     @hookimpl
     def po_check_config(self, args):
@@ -352,9 +378,16 @@ class TeacherKL:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Term
+
         register("opd-kl", components=["teacher", "opd-kl"], side="trajectory", paper=PAPER,
                  summary="GRPO-OPD T_D: GRPO plus lambda KL(student || teacher) as a regulariser",
-                 targets="sparse verifier reward: keep the student near a teacher while it optimises the reward")
+                 targets="sparse verifier reward: keep the student near a teacher while it optimises the reward",
+                 objective=lambda args, options: Objective(  # T_D names the reverse KL, whatever the estimator
+                     not_applicable="the full-vocabulary divergence needs the student model" if options[
+                         "opd_divergence"] == "full" else "", kl_teacher=options["opd_lambda"],
+                     terms=(Term("reverse_kl", options["opd_lambda"], against="teacher"),),
+                     needs={"teacher": lambda model: TEACHER.use(model=model)}))
 
     @hookimpl
     def po_token_penalty(self, batch):

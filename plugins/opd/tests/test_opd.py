@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from po_registry_opd import TEACHER, full_reverse_kl, load_teacher, scheduled_lambda, teacher_signal
+from po_registry_opd import TEACHER, full_reverse_kl, load_teacher, rollout_signal, scheduled_lambda, teacher_signal
 
 from po_registry.builtin.grpo import GroupAdvantage
 from po_registry.errors import CouplingWarning
@@ -360,3 +360,18 @@ def test_weak_student_learns_from_a_stronger_teacher(po_trainer):
     reverse_kl = [row["opd/reverse_kl"] for row in trainer.state.log_history if "opd/reverse_kl" in row]
     assert after >= before + 0.05, (before, after)
     assert sum(reverse_kl[-5:]) / 5 < sum(reverse_kl[:5]) / 5, reverse_kl
+
+
+def test_reverse_kl_metric_is_the_mean_over_every_process(po_reward_batch, monkeypatch):
+    """r = (log pi_T - log pi_old) on the loss tokens = [[-0.5, 1.0], [1.0, (masked)]]: this process's sum 1.5 over 3
+    tokens; the other process (simulated by the gather) has sum -4.5 over 3, so the logged -mean r is
+    -(1.5 - 4.5) / 6 = 0.5 (before: this process's -1.5 / 3 = -0.5 alone)."""
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=2, options=_options(), args=default_args())
+    batch.local["completion_mask"] = torch.tensor([[1, 1], [1, 0]])
+    batch.policy_logps = lambda: torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    _fixed_teacher(monkeypatch, torch.tensor([[-1.5, -1.0], [-2.0, -9.0]]))
+    batch.gather = lambda local: torch.cat([local, torch.tensor([[-4.5, 3.0]])])
+    logged = {}
+    batch.log_metric = logged.__setitem__
+    rollout_signal(batch)
+    assert logged["opd/reverse_kl"] == pytest.approx(0.5)

@@ -13,9 +13,14 @@ from po_registry import hookimpl
 class OPO:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Rule
+
         register("opo", components=["opo"], side="reward", paper="arXiv 2505.23585",
                  summary="OPO: length-weighted optimal baseline b = sum |o| R / sum |o| per group",
-                 targets="gradient variance: the plain group mean is not the variance-minimising baseline")
+                 targets="gradient variance: the plain group mean is not the variance-minimising baseline",
+                 objective=Objective(advantage=Rule("length-weighted group baseline", lambda rewards, lengths, _:
+                                                    rewards - (lengths * rewards).sum(1, keepdim=True)
+                                                    / lengths.sum(1, keepdim=True).clamp(min=1.0))))
 
     @hookimpl
     def po_compute_advantages(self, rewards, batch):

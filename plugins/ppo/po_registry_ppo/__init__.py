@@ -98,13 +98,24 @@ class Critic:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
+        # With the true value function the oracle provides, GAE's expected credit is R's for any lambda.
+        def critic(args, options):
+            return Objective(not_applicable="ppo_gamma < 1 (a discounted outcome) is not modelled"
+                             if options["ppo_gamma"] < 1 else "", advantage="none",
+                             scale="free" if options["ppo_whiten_advantages"] else "exact",
+                             needs={"value_model": lambda model: setattr(self, "model", model)})
+
         register("ppo", components=["ppo-critic"], side="reward", paper=PPO_PAPER,
                  summary="PPO with a learned critic: GAE advantages from a value model trained with a clipped loss",
-                 targets="Monte Carlo variance of critic-free baselines; per-token credit from a value function")
+                 targets="Monte Carlo variance of critic-free baselines; per-token credit from a value function",
+                 objective=critic)
         register("vapo", components=["ppo-critic", "positive-nll", "clip-higher"], side="both", paper=VAPO_PAPER,
                  options={"ppo_critic_lambda": 1.0, "ppo_length_adaptive_alpha": 0.05, "ppo_critic_warmup_steps": 50},
                  summary="VAPO: value pretraining, decoupled and length-adaptive GAE, clip-higher, positive NLL",
-                 targets="value bias on long sequences, heterogeneous lengths and sparse rewards in PPO")
+                 targets="value bias on long sequences, heterogeneous lengths and sparse rewards in PPO",
+                 objective=critic)  # with positive-nll's and clip-higher's declarations
 
     @hookimpl
     def po_declare_options(self, register):
@@ -270,9 +281,13 @@ class PositiveNLL:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, Term
+
         register("positive-nll", components=["positive-nll"], side="trajectory", paper=VAPO_PAPER,
                  summary="an NLL loss on the tokens of completions whose reward reaches a threshold",
-                 targets="correct samples the policy-gradient signal underuses (sparse rewards)")
+                 targets="correct samples the policy-gradient signal underuses (sparse rewards)",
+                 objective=lambda args, options: Objective(terms=(Term(
+                     "positive_nll", options["positive_nll_coef"], threshold=options["positive_nll_threshold"]),)))
 
     @hookimpl
     def po_declare_options(self, register):

@@ -39,9 +39,12 @@ def step_ends(token_texts: list[str]) -> list[int]:
 class ProcessReward:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective, process_supervision
+
         register("process-reward", components=["process-reward"], side="reward", paper="arXiv 2402.03300 (§4.1.3)",
                  summary="process rewards: per-step or per-token rewards normalised per group, summed to the end",
-                 targets="coarse outcome credit: one scalar for every token of a long answer")
+                 targets="coarse outcome credit: one scalar for every token of a long answer",
+                 objective=Objective(group_dense=(process_supervision("process_reward_function"),)))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -80,7 +83,9 @@ class ProcessReward:
             rewards[i, ends] = torch.tensor(score, dtype=torch.float32, device=mask.device)
             steps[i, ends] = 1.0
         normalised = normalise_per_group(rewards, steps, G)
-        batch.log_metric("process_reward/steps_per_completion", (steps.sum() / len(rows)).item())
+        local = torch.stack([steps.sum(), steps.new_tensor(float(len(rows)))]).reshape(1, 2)
+        total, count = batch.gather(local).sum(0)  # over every process's completions
+        batch.log_metric("process_reward/steps_per_completion", (total / count.clamp(min=1.0)).item())
         return returns_to_go(normalised) * mask
 
 

@@ -19,8 +19,9 @@ def digit_per_token(completions, completion_ids, **kwargs):
 
 
 def one_step(completions, completion_ids, **kwargs):
-    """A step-level reward with one step per completion (no newline in these answers): its length."""
-    return [[float(len(ids))] for ids in completion_ids]
+    """A step-level reward with one step per completion (no newline in these answers): its length; an empty
+    completion has no step."""
+    return [[float(len(ids))] if len(ids) else [] for ids in completion_ids]
 
 
 class TestConformance(PluginConformance):
@@ -125,3 +126,14 @@ def test_a_reward_for_an_empty_completion_is_refused(po_reward_batch):
 
 def test_step_ends_of_an_empty_completion():
     assert step_ends([]) == []
+
+
+def test_steps_metric_counts_the_completions_of_every_process(po_reward_batch):
+    """One step per non-empty completion: this process has 4 completions and 4 steps; the other (simulated by the
+    gather) 4 completions and 1 step, so the logged mean is 5 / 8 (before: this process's 4 / 4 = 1 alone)."""
+    _, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options={"process_reward_function": PER_STEP})
+    batch.gather = lambda local: torch.cat([local, torch.tensor([[1.0, 4.0]])])
+    logged = {}
+    batch.log_metric = logged.__setitem__
+    ProcessReward().po_token_rewards(batch)
+    assert logged["process_reward/steps_per_completion"] == pytest.approx(5 / 8)

@@ -8,7 +8,7 @@ batch, A <- (A - mean) / std. REINFORCE++-baseline first subtracts the group mea
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import group_mean, masked_mean, masked_whiten, outcome_token_rewards, returns_to_go
+from po_registry.ops import group_mean, masked_sum, masked_whiten, outcome_token_rewards, returns_to_go
 
 PAPER = "arXiv 2501.03262"
 
@@ -20,9 +20,16 @@ class ReinforcePP:
 
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Dense, Objective
+
         register(self.name, components=[self.name], replaces=["reference-kl"], side="reward", paper=PAPER,
                  summary=self.summary,
-                 targets="prompt-local normalisation is biased and overfits; A explodes when the group std is ~0")
+                 targets="prompt-local normalisation is biased and overfits; A explodes when the group std is ~0",
+                 objective=lambda args, options: Objective(  # whitened over the batch: a batch-set scale
+                     not_applicable="a discount < 1 of the outcome's return is not modelled" if options[
+                         f"{self.name.replace('-', '_')}_gamma"] < 1 else "",
+                     kl_reference=args.beta or None, advantage="mean" if self.baseline else "none", scale="free",
+                     dense=(Dense("reference", args.beta),) if args.beta else ()))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -35,7 +42,9 @@ class ReinforcePP:
         if beta == 0.0:
             return None
         kl = batch.policy_logps() - batch.local["ref_per_token_logps"]  # k1, on the sampled tokens
-        batch.log_metric(f"{self.name}/kl", masked_mean(kl, batch.local["completion_mask"].float()).item())
+        mask = batch.local["completion_mask"].float()
+        total, tokens = batch.gather(torch.stack([masked_sum(kl, mask), mask.sum()]).reshape(1, 2)).sum(0)
+        batch.log_metric(f"{self.name}/kl", (total / tokens.clamp(min=1.0)).item())  # over every process's tokens
         return -beta * kl * batch.local["completion_mask"]
 
     @hookimpl

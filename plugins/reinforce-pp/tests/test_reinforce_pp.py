@@ -1,5 +1,6 @@
 """REINFORCE++ and REINFORCE++-baseline: returns, KL in the reward, global normalisation, conformance, training."""
 
+import pytest
 import torch
 from po_registry_reinforce_pp import ReinforcePP, ReinforcePPBaseline
 
@@ -64,3 +65,18 @@ def test_kl_rewards_enter_the_returns(po_reward_batch):
     raw = torch.tensor([[1 - 0.3, 1 - 0.2], [-0.3, 0.0]])  # return-to-go of [-0.1, -0.2 + 1] and [-0.3, 0]
     mean, std = raw.mean(), raw.std(unbiased=False)
     assert torch.allclose(got, (raw - mean) / (std + 1e-8), atol=1e-6)
+
+
+def test_kl_metric_is_the_mean_over_every_process(po_reward_batch):
+    """k1 = log pi_old - log pi_ref = [[0.5, 0, (-1 masked)], [0, 1, 0]]: this process's sum 1.5 over 5 tokens; the
+    other process (simulated by the gather) has sum 3.0 over 2 tokens, so the logged mean is 4.5 / 7 (before: this
+    process's 1.5 / 5 = 0.3 alone)."""
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=3, args=default_args(beta=0.5))
+    batch.local["completion_mask"] = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    batch.local["ref_per_token_logps"] = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, -1.0]])
+    batch.policy_logps = lambda: torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    batch.gather = lambda local: torch.cat([local, torch.tensor([[3.0, 2.0]])])
+    logged = {}
+    batch.log_metric = logged.__setitem__
+    ReinforcePP().po_token_rewards(batch)
+    assert logged["reinforce-pp/kl"] == pytest.approx(4.5 / 7)

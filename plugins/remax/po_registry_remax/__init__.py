@@ -20,9 +20,12 @@ def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor) -> tor
 class ReMax:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("remax", components=["remax"], side="reward", paper=PAPER,
                  summary="ReMax: the reward of a greedy decode of the same prompt is the baseline",
-                 targets="REINFORCE's variance, without a critic (one extra greedy generation per prompt)")
+                 targets="REINFORCE's variance, without a critic (one extra greedy generation per prompt)",
+                 objective=Objective(advantage="greedy"))
 
     @hookimpl
     def po_check_config(self, args):

@@ -22,9 +22,13 @@ def leave_one_out(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 class RLOO:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("rloo", components=["rloo"], side="reward",
                  summary="RLOO: leave-one-out baseline, each completion against the mean of its siblings",
-                 targets="the group mean includes the sample itself, biasing GRPO's baseline", paper="arXiv 2402.14740")
+                 targets="the group mean includes the sample itself, biasing GRPO's baseline", paper="arXiv 2402.14740",
+                 objective=lambda args, options: Objective(  # normalised over the batch: a batch-set scale
+                     advantage="leave_one_out", scale="free" if options["rloo_normalize_advantages"] else None))
 
     @hookimpl
     def po_declare_options(self, register):

@@ -19,10 +19,13 @@ MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 class RolloutCorrection:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("rollout-correction", components=["rollout-correction"], side="trajectory",
                  summary="truncated (TIS) or masked (MIS) importance sampling for sampler/trainer mismatch",
                  targets="the rollout engine's probabilities differ from the trainer's: on-policy RL is off-policy",
-                 paper="https://fengyao.notion.site/off-policy-rl; IcePop")
+                 paper="https://fengyao.notion.site/off-policy-rl; IcePop",
+                 objective=Objective())  # no sampler log-probs on-policy: no correction
 
     @hookimpl
     def po_declare_options(self, register):

@@ -14,6 +14,8 @@ from po_registry.ops import aggregate
 class SAPO:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register(
             "sapo",
             components=["sapo"],
@@ -21,6 +23,7 @@ class SAPO:
             summary="SAPO: a smooth sigmoid gate on the ratio instead of a hard clip",
             targets="hard clipping zeroes gradients abruptly and discards informative off-policy tokens",
             paper="arXiv 2511.20347",
+            objective=Objective(aggregation="length"),  # f'(1) = 1: the policy gradient, sequence-mean aggregated
         )
 
     @hookimpl

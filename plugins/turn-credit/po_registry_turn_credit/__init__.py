@@ -58,9 +58,12 @@ def outcome_advantage(rewards, batch) -> torch.Tensor:
 class TurnAdvantage:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("turn-advantage", components=["turn-advantage"], side="reward", paper=MT_GRPO,
                  summary="MT-GRPO: outcome advantage plus a turn-level advantage from per-turn rewards",
-                 targets="delayed feedback: every turn of an episode gets the same credit under outcome rewards")
+                 targets="delayed feedback: every turn of an episode gets the same credit under outcome rewards",
+                 objective=Objective(not_applicable="needs multi-turn episodes (per-token turns, turn rewards, states)"))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -81,9 +84,12 @@ class TurnAdvantage:
 class GiGPO:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("gigpo", components=["gigpo"], side="reward", paper=GIGPO,
                  summary="GiGPO: episode advantage plus step advantages over anchor states shared within a group",
-                 targets="coarse credit in long episodes, without a critic or extra rollouts")
+                 targets="coarse credit in long episodes, without a critic or extra rollouts",
+                 objective=Objective(not_applicable="needs multi-turn episodes (per-token turns, turn rewards, states)"))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -132,9 +138,12 @@ def anchor_normalize(returns: torch.Tensor, states: torch.Tensor, exists: torch.
 class TurnReturn:
     @hookimpl
     def po_register_methods(self, register):
+        from po_registry.oracle import Objective
+
         register("turn-return", components=["turn-return"], side="reward", paper=MT_GRPO,
                  summary="discounted return over turns: each turn credited with the rewards from that turn on",
-                 targets="delayed feedback: early turns credited with rewards they could not influence")
+                 targets="delayed feedback: early turns credited with rewards they could not influence",
+                 objective=Objective(not_applicable="needs multi-turn episodes (per-token turns, turn rewards, states)"))
 
     @hookimpl
     def po_declare_options(self, register):
