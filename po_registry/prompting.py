@@ -124,7 +124,7 @@ class PromptedTask(SingleTurn):
 def prompted(task, tokenizer, style: str):
     """``task`` as the model should see it under ``style`` (``raw``: the task itself)."""
     resolved = resolve_style(style, tokenizer)
-    if _has_chat_prompts(task):
+    if has_chat_prompts(task):
         if resolved != "chat":
             raise OptionError(f"the dataset's prompts are chat messages: they need the chat prompt style (the "
                               f"model's tokenizer {'has no chat template' if resolved == 'raw' else 'has one'})")
@@ -134,6 +134,6 @@ def prompted(task, tokenizer, style: str):
     return PromptedTask(task, tokenizer, resolved)
 
 
-def _has_chat_prompts(task) -> bool:
+def has_chat_prompts(task) -> bool:
     rows = getattr(task, "train_rows", None)
     return bool(rows) and isinstance(rows[0][0], list)

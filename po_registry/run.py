@@ -25,7 +25,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .errors import fail, first_line
-from .prompting import PROMPT_STYLES, prompted
+from .prompting import PROMPT_STYLES, has_chat_prompts, prompted
 from .tasks import SingleTurn
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -456,15 +456,10 @@ def train(args) -> int:
     except PORegistryError as exc:
         fail("train", str(exc))
     task = read_dataset(run["dataset"]) if run["dataset"] else embedded_task
+    if has_chat_prompts(task) and (run["model"] is None or run["prompt_style"] in ("raw", "few-shot")):
+        fail("train", f"--dataset {run['dataset']}: its prompts are chat messages; they need a --model whose "
+                      f"tokenizer has a chat template (the embedded model has none) and the chat prompt style")
     custom_reward = None if run["reward"] == "exact" else _reward(run["reward"], task)
-    with processes.main_first():  # the main process builds (and caches) the embedded warm start
-        location, load_kwargs = model_location(run["model"], embedded_task if run["model"] is None else task)
-    tokenizer = load_tokenizer(location, load_kwargs)
-    try:
-        task = prompted(task, tokenizer, run["prompt_style"])
-    except PORegistryError as exc:
-        fail("train", str(exc))
-    reward = custom_reward or task.reward_function()
     use_lora = not run["no_lora"]
     learning_rate = run["learning_rate"] if run["learning_rate"] is not None else (5e-4 if use_lora else 5e-5)
     settings = {
@@ -488,6 +483,17 @@ def train(args) -> int:
     except (TypeError, ValueError) as exc:
         fail("train", f"invalid trainer setting: {first_line(exc)}")
 
+    # Every setting is valid; now the model (the embedded warm start is built on first use) and its prompts.
+    with processes.main_first():  # the main process builds (and caches) the embedded warm start
+        location, load_kwargs = model_location(run["model"], embedded_task if run["model"] is None else task)
+    tokenizer = load_tokenizer(location, load_kwargs)
+    try:
+        task = prompted(task, tokenizer, run["prompt_style"])
+    except PORegistryError as exc:
+        fail("train", str(exc))
+    if "max_completion_length" not in trainer_overrides:  # a prompted task answers in more tokens
+        config.max_completion_length = task.max_completion_length
+    reward = custom_reward or task.reward_function()
     model = load_weights(location, load_kwargs)
     processes.wait()  # every process has checked everything before the main one writes
     if not processes.main:

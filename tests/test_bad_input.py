@@ -58,7 +58,10 @@ TRAIN_CASES = {
     "option-unknown": ({}, ["--option", "nope=1"], "unknown option 'nope'"),
     "dataset-empty": ({"d.jsonl": ""}, ["--dataset", "{tmp}/d.jsonl"], "d.jsonl: the file is empty"),
     "dataset-chat-messages": ({"d.jsonl": '{"prompt": [{"role": "user", "content": "1+1"}], "answer": "2"}\n' * 12},
-                              ["--dataset", "{tmp}/d.jsonl"], "row 1: the prompt is a list of chat messages"),
+                              ["--dataset", "{tmp}/d.jsonl"], "its prompts are chat messages; they need a --model whose "
+                              "tokenizer has a chat template"),
+    "dataset-chat-not-messages": ({"d.jsonl": '{"prompt": ["1+1"], "answer": "2"}\n' * 12},
+                                  ["--dataset", "{tmp}/d.jsonl"], "row 1: a chat prompt is a list of {role, content}"),
     "dataset-empty-prompt": ({"d.csv": "prompt,answer\n" + "1+1=,2\n" * 5 + ",3\n" + "1+2=,3\n" * 5},
                              ["--dataset", "{tmp}/d.csv"], "row 6: empty prompt or answer"),
     "reward-module-raises": ({"raising_reward.py": "x = 1 / 0\n"}, ["--reward", "raising_reward:r"],
