@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .errors import fail, first_line
+from .errors import UsageError, fail, first_line
 from .prompting import PROMPT_STYLES, has_chat_prompts, prompted
 from .tasks import SingleTurn
 
@@ -513,6 +513,8 @@ def train(args) -> int:
             where = "nothing was written"
         else:
             where = f"its last checkpoint is kept: po-registry train --resume {run_dir}"
+        if isinstance(exc, UsageError):
+            raise
         if isinstance(exc, PORegistryError):
             fail("train", f"{exc} ({where})")
         if isinstance(exc, KeyboardInterrupt):
