@@ -1,7 +1,7 @@
 """The embedded model: a character tokenizer and a ~1M-parameter Llama, warm-started on a task so RL has signal.
 
 Nothing is downloaded. The first use of a task trains the warm start (a deterministic supervised pass that stops
-once held-out greedy accuracy reaches ``target_accuracy``, about a minute on 2 CPU cores) and caches it under
+once greedy accuracy on a training-split sample reaches ``target_accuracy``, about a minute on 2 CPU cores) and caches it under
 ``$PO_REGISTRY_CACHE`` (default ``~/.cache/po-registry``); later uses load it with ``AutoModelForCausalLM``.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-RECIPE_VERSION = 2  # 2: room for 128 positions (multi-turn episodes); same weights as 1
+RECIPE_VERSION = 3  # 3: trained on the training split only (held-out prompts never seen)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 CHARACTERS = list(string.digits) + list("+-*=()<>:?,.") + [" "] + list(string.ascii_lowercase) + ["\n"]
 
@@ -100,32 +100,30 @@ def _sft_batch(tokenizer, problems):
 
 def warm_start(task, seed: int = 0, target_accuracy: float = 0.3, max_steps: int = 1500, batch_size: int = 128,
                eval_every: int = 25, progress: Callable[[int, float, float | None], None] | None = None,
-               model=None):
-    """Supervised warm start on ``task``: AdamW lr 3e-3, 100 warm-up steps, fresh problems every step; stops at
-    the first evaluation (every ``eval_every`` steps from step 100) whose held-out greedy accuracy reaches
-    ``target_accuracy``. Continues training ``model`` when one is given. Returns (model, tokenizer, accuracy,
+               model=None, min_steps: int = 0):
+    """Supervised warm start on ``task``: AdamW lr 3e-3, 100 warm-up steps, fresh training-split problems every
+    step; stops at the first evaluation (every ``eval_every`` steps from step 100) whose greedy accuracy on a
+    training-split sample reaches ``target_accuracy``, and not before ``min_steps``. Continues training ``model`` when one is given. Returns (model, tokenizer, accuracy,
     steps)."""
-    import random
-
     tokenizer = char_tokenizer()
     model = model if model is not None else llama(tokenizer, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
-    rng = random.Random(seed)
-    held_out = task.eval_problems(256)
+    # Trained and stopped on the training split only: the held-out split stays unseen until RL is scored on it.
+    validation = task.problems(256, seed=VALIDATION_SEED)
     accuracy = 0.0
     model.train()
     for step in range(1, max_steps + 1):
-        input_ids, attention, labels = _sft_batch(tokenizer, [task.make_problem(rng) for _ in range(batch_size)])
+        input_ids, attention, labels = _sft_batch(tokenizer, task.problems(batch_size, seed=seed * 1_000_003 + step))
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        evaluated = step >= 100 and step % eval_every == 0
+        evaluated = step >= max(100, min_steps) and step % eval_every == 0
         if evaluated:
-            accuracy = task.evaluate(model, tokenizer, held_out)
+            accuracy = task.evaluate(model, tokenizer, validation)
         if progress is not None:
             progress(step, loss.item(), accuracy if evaluated else None)
         if evaluated and accuracy >= target_accuracy:
@@ -135,13 +133,14 @@ def warm_start(task, seed: int = 0, target_accuracy: float = 0.3, max_steps: int
 
 
 WARM_START_ACCURACY = 0.3
+VALIDATION_SEED = -1  # the warm start's stopping sample, from the training split (no step's seed)
 
 
 def embedded_model_dir(task, seed: int = 0, progress=None, target_accuracy: float = WARM_START_ACCURACY) -> Path:
     """The cached warm start for ``task`` (built on first use): a directory ``from_pretrained`` loads.
 
     A higher ``target_accuracy`` gives a stronger checkpoint (a teacher for distillation): the default warm start
-    trained further until held-out greedy accuracy reaches it."""
+    trained further until it reaches that accuracy."""
     suffix = "" if target_accuracy == WARM_START_ACCURACY else f"-acc{round(100 * target_accuracy)}"
     target = cache_dir() / f"embedded-{task.name}-seed{seed}-v{RECIPE_VERSION}{suffix}"
     if (target / "warm_start.json").exists():
@@ -152,13 +151,14 @@ def embedded_model_dir(task, seed: int = 0, progress=None, target_accuracy: floa
 
         start = AutoModelForCausalLM.from_pretrained(embedded_model_dir(task, seed, progress)).train()
     model, tokenizer, accuracy, steps = warm_start(task, seed=seed, target_accuracy=target_accuracy,
-                                                   progress=progress, model=start)
+                                                   progress=progress, model=start,
+                                                   min_steps=0 if start else getattr(task, "warm_start_steps", 0))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "warm_start.json").write_text(json.dumps({"task": task.name, "seed": seed, "steps": steps,
-                                                          "held_out_accuracy": accuracy}))
+                                                          "validation_accuracy": accuracy}))
     if target.exists():  # another process finished first
         shutil.rmtree(staging)
     else:

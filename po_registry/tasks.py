@@ -6,13 +6,16 @@ Tasks are a registry too: a plugin adds one with the ``po_register_tasks(registe
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import UnknownMethodError, closest
+from .errors import OptionError, UnknownMethodError, closest
 
 EVAL_SEED = 1234
 TRAIN_SEED = 0
+HELD_OUT_SHARE = 8  # one prompt in 8 (by a stable hash of its text) belongs to the held-out split
+MAX_DRAWS_PER_PROBLEM = 1000
 
 
 class UnknownTaskError(UnknownMethodError):
@@ -49,21 +52,41 @@ class Task(SingleTurn):
     make_problem: Callable[[random.Random], tuple[str, str]]
     max_completion_length: int
     plugin: str = "po-registry"
+    warm_start_steps: int = 0  # the embedded warm start's minimum supervised steps (it stops at 30% accuracy)
 
-    def problems(self, count: int, seed: int) -> list[tuple[str, str]]:
+    def problems(self, count: int, seed: int, held_out: bool = False) -> list[tuple[str, str]]:
+        """``count`` problems drawn from ``seed``, all from one split: training (default) or held-out.
+
+        The splits partition the prompts themselves, so no held-out prompt is ever trained on, whatever the
+        seeds."""
         rng = random.Random(seed)
-        return [self.make_problem(rng) for _ in range(count)]
+        chosen: list[tuple[str, str]] = []
+        for _ in range(MAX_DRAWS_PER_PROBLEM * max(count, 1)):
+            if len(chosen) == count:
+                return chosen
+            problem = self.make_problem(rng)
+            if is_held_out(problem[0]) == held_out:
+                chosen.append(problem)
+        if len(chosen) == count:
+            return chosen
+        raise OptionError(f"task {self.name!r}: fewer than 1 in {MAX_DRAWS_PER_PROBLEM} of its problems fall in "
+                         f"the {'held-out' if held_out else 'training'} split; give it more distinct prompts")
 
     def dataset(self, count: int = 2048, seed: int = TRAIN_SEED):
-        """A ``datasets.Dataset`` with ``prompt`` and ``answer`` columns."""
+        """A ``datasets.Dataset`` with ``prompt`` and ``answer`` columns, from the training split."""
         from datasets import Dataset
 
         prompts, answers = zip(*self.problems(count, seed))
         return Dataset.from_dict({"prompt": list(prompts), "answer": list(answers)})
 
     def eval_problems(self, count: int = 512) -> list[tuple[str, str]]:
-        """Held out: drawn from a seed the training set never uses."""
-        return self.problems(count, EVAL_SEED)
+        """From the held-out split: prompts the training split never contains."""
+        return self.problems(count, EVAL_SEED, held_out=True)
+
+
+def is_held_out(prompt: str) -> bool:
+    """Whether a prompt belongs to the held-out split (about one in ``HELD_OUT_SHARE``; stable across runs)."""
+    return zlib.crc32(prompt.encode()) % HELD_OUT_SHARE == 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,11 @@ def _operand(rng: random.Random) -> int:
 
 def _addition(rng: random.Random) -> tuple[str, str]:
     a, b = _operand(rng), _operand(rng)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _digit_addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     return f"{a}+{b}=", str(a + b)
 
 
@@ -181,7 +209,12 @@ def _guess(rng: random.Random) -> tuple[str, str]:
 
 
 BUILTIN_TASKS = [
-    Task("addition", "addition of numbers below 100: 'a+b=' -> the sum (answers of 1 to 3 digits)", _addition, 6),
+    # 700 steps: a warm start that knows enough to generalise to held-out sums, yet greedy decoding still errs
+    # often (about 55%); GRPO sharpens it past 70% in 150 steps. At the 30% mark it plateaus near 60%.
+    Task("addition", "addition of numbers below 100: 'a+b=' -> the sum (answers of 1 to 3 digits)", _addition, 6,
+         warm_start_steps=700),
+    Task("digit-addition", "addition of two digits: '3+4=' -> '7' (sized for a small pretrained model; 13 of its "
+                           "100 prompts are held out)", _digit_addition, 3),
     Task("reverse", "reverse a word of 2-6 letters: 'rev abc=' -> 'cba' (answers of varying length)", _reverse, 8),
     Task("count", "count a letter in a word: 'count a in abca=' -> '2'", _count, 4),
     EnvironmentTask("guess", f"multi-turn: guess a number in {GUESS_LOW}-{GUESS_HIGH} from higher/lower answers in "

@@ -111,7 +111,7 @@ def test_main_job_raises_accuracy_and_writes_a_loadable_run(capsys, tmp_path):
     assert code == 0, err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["accuracy_after"] > summary["accuracy_before"] + 0.03, summary
-    assert 0.2 <= summary["accuracy_before"] <= 0.45  # the warm start gives RL a signal
+    assert 0.4 <= summary["accuracy_before"] <= 0.65  # the warm start gives RL a signal and room
     assert {"adapter", "metrics.jsonl", "plot.png", "config.yaml", "summary.json"} <= {p.name for p in run_dir.iterdir()}
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -154,11 +154,12 @@ def test_train_on_a_dataset_file_full_fine_tuning(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_default_job_as_the_readme_describes(capsys, tmp_path):
-    """`po-registry train` with defaults: about 31% -> about 50% greedy accuracy in 150 steps."""
+    """`po-registry train` with defaults: about 54% -> above 70% held-out greedy accuracy in 150 steps."""
     code, _, err = run_cli(capsys, "train", "--output-dir", str(tmp_path / "run"))
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 150 and summary["accuracy_after"] >= summary["accuracy_before"] + 0.1, summary
+    assert summary["steps"] == 150 and summary["accuracy_after"] >= 0.7, summary
+    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.1, summary
 
 
 class _TaskAndOption:
