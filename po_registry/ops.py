@@ -139,17 +139,23 @@ def outcome_token_rewards(outcome: torch.Tensor, mask: torch.Tensor, dense: torc
     return rewards * mask
 
 
-def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Discounted return along the last dimension: G_t = sum_{s >= t} gamma^(s - t) r_s.
 
-    Zero rewards past a sequence's end (padding) add nothing, so right-padded rows need no mask here."""
+    Zero rewards past a sequence's end (padding) add nothing, so right-padded rows need no mask. With ``mask``, as
+    in :func:`gae`: the sum runs over masked-in tokens only, a hole inside a row (environment tokens) is no step of
+    the discount and its reward is not read, and G is 0 outside the mask."""
+    if mask is None:
+        mask = torch.ones_like(rewards)
+    rewards = rewards * mask
     if gamma == 1.0:
-        return rewards.flip(-1).cumsum(-1).flip(-1)
+        return rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    action = mask.bool()
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[..., 0])
     for t in range(rewards.shape[-1] - 1, -1, -1):
-        running = rewards[..., t] + gamma * running
-        out[..., t] = running
+        running = torch.where(action[..., t], rewards[..., t] + gamma * running, running)
+        out[..., t] = running * mask[..., t]
     return out
 
 

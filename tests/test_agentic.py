@@ -135,12 +135,14 @@ def test_guess_environment():
     low_guess = 1 if secret > 1 else 2
     observation, reward, done = game.step(str(low_guess))
     assert (observation, done) == (("higher\n" if secret > 1 else "lower\n"), False) and reward == 0.0
-    assert game.state_key() != (1, 16)
+    assert game.state_key() == ((2, 16) if secret > 1 else (1, 1))  # the range the answer leaves
     assert game.step("banana") == ("invalid\n", -0.1, False)
-    outside = 0 if secret > 1 else 17  # a guess the answers already ruled out
-    assert game.step(str(outside))[1] == pytest.approx(-0.1) if outside == 17 else True
+    # the same guess again: the answer already ruled it out, so it is wasted (-0.1) and the range stays
+    observation, reward, done = game.step(str(low_guess))
+    assert (observation, done) == (("higher\n" if secret > 1 else "lower\n"), False)
+    assert reward == pytest.approx(-0.1) and game.state_key() == ((2, 16) if secret > 1 else (1, 1))
     observation, reward, done = game.step(str(secret))
-    assert observation == "correct\n" and done and reward == pytest.approx(1.0 - 0.1 * (game.turns - 1))
+    assert observation == "correct\n" and done and reward == pytest.approx(1.0 - 0.1 * 3)  # found at turn 4
 
 
 def test_random_play_transcripts_follow_the_rules():

@@ -21,10 +21,12 @@ from po_registry.ops import (
 
 
 def test_masked_mean_per_row_and_fully_masked_row():
-    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    assert masked_mean(x, mask, dim=1).tolist() == [1.5, 0.0, 9.0]  # an empty row gives 0, not NaN
-    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 9) / 3)
+    """Row 3 has a hole: 50 is an environment token between the loss tokens 10 and 12, so its mean is
+    (10 + 12) / 2 = 11, not (10 + 50 + 12) / 3 = 24."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [10.0, 50.0, 12.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    assert masked_mean(x, mask, dim=1).tolist() == [1.5, 0.0, 9.0, 11.0]  # an empty row gives 0, not NaN
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 9 + 10 + 12) / 5)
     assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
 
 
@@ -89,23 +91,25 @@ def test_clip_higher_and_delta():
 
 
 def test_sequence_log_ratio_is_length_normalised():
-    log_ratio = torch.tensor([[0.2, 0.4, 9.0], [0.3, 0.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    """Row 0: loss tokens 0.2 and 0.4 around an environment hole (9.0) and before padding (7.0): (0.2 + 0.4) / 2."""
+    log_ratio = torch.tensor([[0.2, 9.0, 0.4, 7.0], [0.3, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     assert torch.allclose(sequence_log_ratio(log_ratio, mask), torch.tensor([[0.3], [0.3]]))
 
 
-LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
-MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+# Row 0: loss tokens 1, 3, 5 with an environment hole (9) between 1 and 3; row 1: one token 4, then padding (7).
+LOSS = torch.tensor([[1.0, 9.0, 3.0, 5.0], [4.0, 7.0, 0.0, 0.0]])
+MASK = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
 
 
 @pytest.mark.parametrize(
     "mode, expected",
     [
-        ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4 / 1) / 2),
-        ("token-mean", (1 + 2 + 3 + 4) / 4),
-        ("seq-mean-token-sum-norm", (1 + 2 + 3 + 4) / (2 * 5)),
-        ("global-token-mean", (1 + 2 + 3 + 4) / 8),
-        ("seq-sum", (6 + 4) / 2),
+        ("seq-mean-token-mean", ((1 + 3 + 5) / 3 + 4 / 1) / 2),
+        ("token-mean", (1 + 3 + 5 + 4) / 4),
+        ("seq-mean-token-sum-norm", (1 + 3 + 5 + 4) / (2 * 5)),
+        ("global-token-mean", (1 + 3 + 5 + 4) / 8),
+        ("seq-sum", (9 + 4) / 2),
     ],
 )
 def test_aggregation_modes(mode, expected):
@@ -125,18 +129,21 @@ def test_aggregation_of_length_one_and_fully_masked_rows():
 
 
 def test_global_token_mean_is_exact_over_accumulated_micro_batches():
-    """Two micro-batches of one optimizer step sum to the token mean of the whole batch."""
-    full_loss = torch.tensor([[1.0, 2.0], [3.0, 0.0], [4.0, 5.0], [6.0, 7.0]])
-    full_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
-    tokens = full_mask.sum()
-    parts = [aggregate(full_loss[i : i + 2], full_mask[i : i + 2], "global-token-mean", global_tokens_per_step=tokens)
+    """Two micro-batches of one optimizer step sum to the token mean of the whole batch. Loss tokens (9 marks an
+    environment hole, never counted): micro-batch 1 holds 1, 2, 3 and micro-batch 2 holds 4, 5, 6, 7, so 7 tokens
+    in the step: the parts are 6 / 7 and 22 / 7, summing to 28 / 7 = 4 (a per-micro-batch token mean would give
+    2 + 5.5 = 7.5, halved under accumulation 2: 3.75)."""
+    full_loss = torch.tensor([[1.0, 9.0, 2.0], [3.0, 0.0, 0.0], [4.0, 5.0, 0.0], [6.0, 9.0, 7.0]])
+    full_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    parts = [aggregate(full_loss[i : i + 2], full_mask[i : i + 2], "global-token-mean", global_tokens_per_step=7.0)
              for i in (0, 2)]
-    assert sum(parts).item() == pytest.approx(masked_mean(full_loss, full_mask).item())
+    assert [p.item() for p in parts] == pytest.approx([6 / 7, 22 / 7])
+    assert sum(parts).item() == pytest.approx(4.0)
 
 
 def test_aggregation_broadcasts_sequence_level_losses():
     loss = torch.tensor([[2.0], [4.0]])
-    assert aggregate(loss, MASK, "token-mean").item() == pytest.approx((2 * 3 + 4) / 4)
+    assert aggregate(loss, MASK, "token-mean").item() == pytest.approx((2 * 3 + 4) / 4)  # row 0 has 3 loss tokens
     with pytest.raises(ValueError, match="max_completion_length"):
         aggregate(loss, MASK, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="unknown aggregation"):
@@ -147,6 +154,18 @@ def test_returns_to_go_discounted_and_not():
     rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
     assert returns_to_go(rewards).tolist() == [[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]
     assert returns_to_go(rewards, gamma=0.5).tolist() == [[1 + 0.5 * (2 + 0.5 * 3), 2 + 1.5, 3.0], [6.5, 5.0, 0.0]]
+
+
+def test_returns_to_go_skips_holes_as_gae_does():
+    """rewards [1, 9, 2, 3] with a hole at position 1 (an environment token, reward 9 not read), gamma 0.5:
+    G_3 = 3, G_2 = 2 + 0.5 * 3 = 3.5, G_1 = 0 (masked), G_0 = 1 + 0.5 * 3.5 = 2.75 (the hole is no discount step;
+    counting it would give 1 + 0.25 * 3.5 = 1.875). gamma 1: G_0 = 1 + 2 + 3 = 6."""
+    rewards, mask = torch.tensor([[1.0, 9.0, 2.0, 3.0]]), torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    assert returns_to_go(rewards, 0.5, mask).tolist() == [[2.75, 0.0, 3.5, 3.0]]
+    assert returns_to_go(rewards, 1.0, mask).tolist() == [[6.0, 0.0, 5.0, 3.0]]
+    # The same discounting as GAE with zero values and lambda 1 (its returns are the discounted returns).
+    _, gae_returns = gae(rewards, torch.zeros_like(rewards), mask, gamma=0.5, lam=1.0)
+    assert gae_returns.tolist() == [[2.75, 0.0, 3.5, 3.0]]
 
 
 def _gae_reference(rewards, values, gamma, lam):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build, generation_rows
+from helpers import build, digit_reward, generation_rows
 
 from po_registry import hookimpl
 from po_registry.config import PolicyOptimizationConfig
@@ -63,12 +63,16 @@ def _trainer(plugins, plugin, tiny_model_dir, tokenizer, prompt_dataset, tmp_pat
 def test_shaping_sees_lengths_and_truncation(plugins, tiny_model_dir, tokenizer, prompt_dataset, tmp_path):
     shaper = LengthPenalty()
     trainer = _trainer(plugins, shaper, tiny_model_dir, tokenizer, prompt_dataset, tmp_path)
-    out = trainer._generate_and_score_completions(generation_rows(prompt_dataset, trainer, prompts=2))
+    rows = generation_rows(prompt_dataset, trainer, prompts=2)
+    out = trainer._generate_and_score_completions(rows)
     lengths, truncated = shaper.seen
     assert torch.equal(lengths, out["completion_mask"].sum(1))
     last = out["completion_ids"].gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
     assert torch.equal(truncated, (last != tokenizer.eos_token_id) & (last != tokenizer.pad_token_id))
-    assert trainer._metrics["train"]["reward"]  # TRL's reward metrics computed from the shaped matrix
+    # TRL's reward metric is computed from the shaped matrix: the mean of digit_reward - 0.01 * length, scored here
+    texts = tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    shaped = [r - 0.01 * n for r, n in zip(digit_reward(texts, [row["answer"] for row in rows]), lengths.tolist())]
+    assert trainer._metrics["train"]["reward"] == [pytest.approx(sum(shaped) / len(shaped), abs=1e-6)]
 
 
 def test_dense_token_rewards_become_per_token_advantages(plugins, tiny_model_dir, tokenizer, prompt_dataset,
@@ -168,7 +172,10 @@ class TrajectoryKit(_Component):
 
 
 def test_trajectory_stages_compose_in_the_documented_order(plugins):
-    from po_registry.ops import clipped_surrogate
+    """Expected, by hand: objective(sequence ratio) x first-token mask x 0.5, token mean (bnpo) over the loss mask,
+    + 2.0, and all of it divided by the 2 accumulation steps. The objective is PPO's -min(r A, clip(r, 0.8, 1.2) A)
+    written out here; the loss mask has environment holes (row 2's first token is one: the kit's first-token mask
+    removes that row entirely, yet its 2 loss tokens stay in the bnpo denominator of 12)."""
     from po_registry.pipeline import Pipeline, assemble
     from po_registry.testing import default_args, loss_batch
 
@@ -178,12 +185,17 @@ def test_trajectory_stages_compose_in_the_documented_order(plugins):
     assert assembly.owners["po_token_mask"] == ["entropy-mask", "off-policy-mask", "trajectory-kit"]
     args = default_args(["trajectory-kit"], loss_type="bnpo")
     batch = loss_batch(args=args, per_token_advantages=True)
+    batch.mask = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0],
+                               [1.0, 0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0, 1.0]])
+    batch.accumulation_steps = 2
     loss = Pipeline(assembly).loss(batch)
-    # Expected, by hand: objective(sequence ratio) x first-token mask x 0.5, token mean (bnpo), + 2.0.
-    ratio = torch.exp((batch.logps - batch.old_logps).sum(-1, keepdim=True))
-    per_token = clipped_surrogate(ratio, batch.advantages, 0.2, 0.2) * 0.5
-    per_token = per_token * torch.nn.functional.pad(torch.ones(batch.mask.shape[0], 1), (0, batch.mask.shape[1] - 1))
-    expected = (per_token * batch.mask).sum() / batch.mask.sum() + 2.0
+    ratio = torch.exp((batch.logps - batch.old_logps).sum(-1, keepdim=True))  # the kit's unnormalised ratio
+    surrogate = -torch.minimum(ratio * batch.advantages, ratio.clamp(0.8, 1.2) * batch.advantages)
+    first = torch.zeros_like(batch.mask)
+    first[:, 0] = 1.0
+    per_token = surrogate * first * 0.5 * batch.mask
+    expected = (per_token.sum() / 12.0 + 2.0) / 2  # 12 loss tokens
+    assert batch.mask.sum() == 12.0
     assert torch.allclose(loss, expected, atol=1e-6)
 
 

@@ -36,11 +36,14 @@ def test_covariance_formula(po_loss_batch):
 
 
 def test_high_entropy_mask_keeps_the_top_quantile(po_loss_batch):
-    batch = po_loss_batch(rows=2, width=4, options={"entropy_top_quantile": 0.5})
-    batch.mask = torch.ones(2, 4)
-    batch.entropies = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.8, 0.3, 0.7, 0.05]])
+    """8 loss tokens, entropies sorted 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9: the 0.5 quantile is (0.3 + 0.5) / 2
+    = 0.4, so the top half 0.9, 0.5, 0.8, 0.7 is kept. The environment holes (entropies 5.0 and 4.0, between loss
+    tokens) must not count: with them the quantile would be (0.5 + 0.7) / 2 = 0.6 and 0.5 would be dropped."""
+    batch = po_loss_batch(rows=2, width=5, options={"entropy_top_quantile": 0.5})
+    batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0, 1.0]])
+    batch.entropies = torch.tensor([[0.1, 5.0, 0.9, 0.5, 0.2], [0.8, 0.3, 4.0, 0.7, 0.05]])
     keep = HighEntropyTokens().po_token_mask(batch)
-    assert keep.tolist() == [[0, 1, 1, 0], [1, 0, 1, 0]]  # the top half: 0.9, 0.8, 0.7, 0.5
+    assert keep.tolist() == [[0, 0, 1, 1, 0], [1, 0, 0, 1, 0]]
 
 
 def test_clip_cov_draws_only_from_tokens_the_clip_leaves_free(po_loss_batch):
@@ -113,11 +116,12 @@ def test_covariance_methods_own_the_objective_so_they_do_not_stack_on_clip_highe
 
 
 def _entropy_batch(po_loss_batch, args, options=None):
-    """7 loss tokens (row 0's last token is a hole, its entropy 3.0 must not count); their entropies sorted:
-    0.05, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, so the 0.5 quantile is 0.5 and the top half kept is 0.9, 0.5, 0.8, 0.7."""
+    """7 loss tokens (row 0's second token is an environment hole between loss tokens, its entropy 3.0 must not
+    count); their entropies sorted: 0.05, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, so the 0.5 quantile is 0.5 and the top half
+    kept is 0.5, 0.9 (row 0) and 0.8, 0.7 (row 1)."""
     batch = po_loss_batch(rows=2, width=4, args=args, options=options or {})
-    batch.mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    batch.entropies = torch.tensor([[0.1, 0.9, 0.5, 3.0], [0.8, 0.3, 0.7, 0.05]], requires_grad=True)
+    batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    batch.entropies = torch.tensor([[0.1, 3.0, 0.5, 0.9], [0.8, 0.3, 0.7, 0.05]], requires_grad=True)
     return batch
 
 
@@ -133,7 +137,7 @@ def test_entropy_bonus_acts_on_the_tokens_the_entropy_mask_keeps(po_loss_batch):
         bonus = EntropyBonus().po_loss_penalty(batch)
         assert bonus.item() == pytest.approx(-0.0725, abs=1e-7)
         bonus.backward()  # d/dH = -0.1 / 4 on each kept token, 0 elsewhere
-        kept = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+        kept = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
         assert torch.allclose(batch.entropies.grad, -0.025 * kept)
 
 

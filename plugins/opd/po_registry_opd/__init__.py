@@ -255,8 +255,8 @@ class PureOPD:
         if batch.options["opd_divergence"] == "full":
             return torch.zeros(batch.num_rows, device=rewards.device)
         gamma = batch.options["opd_gamma"]
-        dense = batch.token_rewards * batch.completion_mask
-        return (returns_to_go(dense, gamma) if gamma > 0 else dense) * batch.completion_mask
+        mask = batch.completion_mask
+        return returns_to_go(batch.token_rewards, gamma, mask) if gamma > 0 else batch.token_rewards * mask
 
     @hookimpl
     def po_loss_penalty(self, batch):

@@ -182,14 +182,35 @@ def test_length_adaptive_lambda():
     assert got.tolist() == pytest.approx([0.0, 0.0, 0.8, 0.98])
 
 
+def _with_a_hole(batch):
+    """An environment token (masked out of the loss, kept as context) at t = 1 of the first row with >= 3 tokens."""
+    row = int((batch.mask.sum(1) >= 3).nonzero()[0])
+    batch.mask = batch.mask.clone()
+    batch.mask[row, 1] = 0.0
+    return row
+
+
 def test_value_loss_trains_only_the_critic(po_loss_batch):
+    """The value loss, written out: 0.5 max((V - G)^2, (V_old + clip(V - V_old, -0.2, 0.2) - G)^2) averaged over the
+    loss tokens (one of them an environment hole, left out); its value and its gradient on every critic weight equal
+    those of this expression, and no gradient reaches the policy's log-probs."""
     critic = _critic()
     batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]))
+    _with_a_hole(batch)
     _carry_value_targets(batch)
     loss = critic.po_loss_penalty(batch)
     loss.backward()
     assert batch.logps.grad is None
-    assert all(p.grad is not None for p in critic.parameters)
+    values = token_values(critic.model, batch.inputs)
+    old, target = batch.inputs["ppo_old_values"], batch.inputs["ppo_returns"]
+    clipped = old + (values - old).clamp(-0.2, 0.2)
+    per_token = 0.5 * torch.maximum((values - target) ** 2, (clipped - target) ** 2)
+    expected = (per_token * batch.mask).sum() / batch.mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    grads = torch.autograd.grad(expected, critic.parameters, allow_unused=True, materialize_grads=True)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for p, g in zip(critic.parameters, grads):
+        assert torch.allclose(p.grad if p.grad is not None else torch.zeros_like(p), g, atol=1e-6)
 
 
 def test_missing_value_targets_are_an_error(po_loss_batch):
@@ -201,12 +222,14 @@ def test_missing_value_targets_are_an_error(po_loss_batch):
 def test_positive_nll_on_positive_rows_only(po_loss_batch):
     plugin = get_registry().plugin("positive-nll", needed_by="the tests")
     batch = po_loss_batch(options={"positive_nll_coef": 0.1, "positive_nll_threshold": 1.0}, args=default_args())
-    batch.rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, float("nan"), 0.5])
-    mask = batch.mask * torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]).unsqueeze(1)
+    batch.mask[2, 1] = 0.0  # an environment hole inside positive row 2 (5 tokens): not one of the NLL's tokens
+    batch.rewards = torch.tensor([1.0, 1.0, 1.5, 2.0, float("nan"), 0.5])
+    mask = batch.mask * torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0]).unsqueeze(1)
+    assert mask.sum() == 0 + 1 + 4 + 2  # rows 0 (empty), 1, 2 (hole out), 3
     expected = 0.1 * (-(batch.logps * mask).sum() / mask.sum())
     assert plugin.po_loss_penalty(batch).item() == pytest.approx(expected.item())
     # Another process holds 9 more positive tokens: the mean is over all of them (DDP then averages the two).
-    # Hand count: rows 0, 1, 3 are positive; P = 2 gives 2 * local sum / (local tokens + 9).
+    # Hand count: rows 0-3 are positive (7 tokens); P = 2 gives 2 * local sum / (7 + 9).
     batch.num_processes, batch.reduce_sum = 2, lambda t: t + 9.0
     expected = 0.1 * (-(batch.logps * mask).sum()) * 2 / (mask.sum() + 9.0)
     assert plugin.po_loss_penalty(batch).item() == pytest.approx(expected.item())

@@ -5,7 +5,6 @@ import torch
 from po_registry_process_reward import ProcessReward, normalise_per_group, step_ends
 
 from po_registry import OptionError
-from po_registry.ops import returns_to_go
 from po_registry.testing import PluginConformance, default_args
 
 PER_TOKEN = "test_process_reward:digit_per_token"
@@ -52,14 +51,18 @@ def test_normalise_per_group_over_rewarded_steps():
 
 
 def test_dense_term_is_the_return_of_normalised_steps(po_reward_batch):
+    """One step per completion (no newline), rewarded with its length: lengths 1, 3 in group 0 and 4, 2 in group 1.
+    Each group's steps {1, 3} and {4, 2}: mean 2 and 3, Bessel std sqrt(2), so r~ = +-1 / (sqrt(2) + 1e-4)
+    = +-0.70706 (the longer row +), and the dense term of each token is its row's r~ on and before the step's last
+    token, 0 after it."""
     _, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options={"process_reward_function": PER_STEP})
+    digit = batch.processing_class.convert_tokens_to_ids("7")
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    batch.local["completion_ids"], batch.local["completion_mask"] = digit * mask, mask
     dense = ProcessReward().po_token_rewards(batch)
-    mask = batch.local["completion_mask"].float()
-    lengths = mask.sum(1)
-    steps = torch.zeros_like(mask)
-    steps[torch.arange(4), (lengths - 1).long()] = 1.0
-    rewards = steps * lengths.unsqueeze(1)
-    assert torch.allclose(dense, returns_to_go(normalise_per_group(rewards, steps, 2)) * mask)
+    a = 1 / (2 ** 0.5 + 1e-4)
+    expected = torch.tensor([[-a, 0.0, 0.0, 0.0], [a, a, a, 0.0], [a, a, a, a], [-a, -a, 0.0, 0.0]])
+    assert torch.allclose(dense, expected, atol=1e-6)
 
 
 def test_a_bad_function_is_refused_when_the_config_is_built():

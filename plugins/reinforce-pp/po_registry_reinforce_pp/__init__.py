@@ -55,7 +55,7 @@ class ReinforcePP:
             total = total - group_mean(total, batch.group_size)
         mask = batch.completion_mask * scorable.unsqueeze(1)
         per_token = outcome_token_rewards(total.nan_to_num(0.0), mask, batch.token_rewards)
-        advantages = returns_to_go(per_token, batch.options[f"{self.name.replace('-', '_')}_gamma"]) * mask
+        advantages = returns_to_go(per_token, batch.options[f"{self.name.replace('-', '_')}_gamma"], mask)
         return masked_whiten(advantages, mask)
 
 

@@ -34,9 +34,14 @@ def test_global_normalisation_without_kl(po_reward_batch):
     rewards = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
     _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards, width=3,
                                options={"reinforce_pp_gamma": 1.0}, args=default_args())
-    batch.completion_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    # row 0 has an environment hole at t = 1: its outcome sits on t = 2 and its return reaches t = 0 across the hole
+    batch.completion_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     got = ReinforcePP().po_compute_advantages(rewards, batch)
     assert torch.allclose(got, _expected(rewards.squeeze(1), batch.completion_mask), atol=1e-6)
+    # by hand: 8 loss tokens with returns (1, 1 | 0, 0, 0 | 1 | 1, 1): mean 5/8, population std
+    # sqrt(5/8 * 3/8) = 0.484123; a token of R = 1 gets (3/8) / 0.484123 = 0.774597, one of R = 0 -1.290994
+    assert got[0].tolist() == pytest.approx([0.774597, 0.0, 0.774597], abs=1e-5)
+    assert got[1].tolist() == pytest.approx([-1.290994] * 3, abs=1e-5)
 
 
 def test_baseline_subtracts_the_group_mean_first(po_reward_batch):
@@ -57,14 +62,17 @@ def test_kl_is_folded_into_the_reward_per_token(po_reward_batch):
 
 def test_kl_rewards_enter_the_returns(po_reward_batch):
     rewards = torch.tensor([[1.0], [0.0]])
-    _, batch = po_reward_batch(group_size=2, num_groups=1, rewards=rewards, width=2,
+    _, batch = po_reward_batch(group_size=2, num_groups=1, rewards=rewards, width=3,
                                options={"reinforce_pp_gamma": 1.0}, args=default_args())
-    batch.completion_mask = torch.ones(2, 2)
-    batch.token_rewards = torch.tensor([[-0.1, -0.2], [-0.3, 0.0]])
+    # row 0: action tokens at t = 0 and t = 2 around an environment hole, whose reward -5 (on no action) is not read
+    batch.completion_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    batch.token_rewards = torch.tensor([[-0.1, -5.0, -0.2], [-0.3, 0.0, 0.0]])
     got = ReinforcePP().po_compute_advantages(rewards, batch)
-    raw = torch.tensor([[1 - 0.3, 1 - 0.2], [-0.3, 0.0]])  # return-to-go of [-0.1, -0.2 + 1] and [-0.3, 0]
-    mean, std = raw.mean(), raw.std(unbiased=False)
-    assert torch.allclose(got, (raw - mean) / (std + 1e-8), atol=1e-6)
+    # return-to-go over the action tokens of [-0.1, -0.2 + 1] and [-0.3, 0]: [0.7, 0.8] and [-0.3, 0]
+    tokens = torch.tensor([0.7, 0.8, -0.3, 0.0])
+    mean, std = tokens.mean(), tokens.std(unbiased=False)  # over the 4 loss tokens: 0.3 and sqrt(0.215)
+    raw = torch.tensor([[0.7, 0.0, 0.8], [-0.3, 0.0, 0.0]])
+    assert torch.allclose(got, (raw - mean) / (std + 1e-8) * batch.completion_mask, atol=1e-6)
 
 
 def test_kl_metric_is_the_mean_over_every_process(po_reward_batch):

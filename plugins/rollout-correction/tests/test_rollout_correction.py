@@ -17,30 +17,33 @@ class TestConformance(PluginConformance):
 
 
 def _batch(po_loss_batch, mode, clip_min=0.0):
-    batch = po_loss_batch(rows=2, width=3, options={"rollout_correction_mode": mode, "rollout_correction_clip_max": 2.0,
+    batch = po_loss_batch(rows=2, width=4, options={"rollout_correction_mode": mode, "rollout_correction_clip_max": 2.0,
                                                     "rollout_correction_clip_min": clip_min})
-    batch.mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    batch.old_logps = torch.zeros(2, 3)
-    # log w = old - sampler: token weights e^0.5, e^-2, e^1 and e^1, e^0.2 (the last is padding)
-    batch.sampling_logps = -torch.tensor([[0.5, -2.0, 1.0], [1.0, 0.2, float("nan")]])
+    batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    batch.old_logps = torch.zeros(2, 4)
+    # log w = old - sampler: token weights e^0.5, (hole: e^3), e^-2, e^1 and e^1, e^0.2 (then padding). The hole is an
+    # environment token between loss tokens: it is no sample of the policy, so it weighs 1 and adds nothing to a sum.
+    batch.sampling_logps = -torch.tensor([[0.5, 3.0, -2.0, 1.0], [1.0, 0.2, float("nan"), float("nan")]])
     return batch
 
 
 def test_token_truncate(po_loss_batch):
     weight = RolloutCorrection().po_rollout_correction(_batch(po_loss_batch, "token_truncate"))
-    expected = torch.tensor([[math.exp(0.5), math.exp(-2.0), 2.0], [2.0, math.exp(0.2), 1.0]])
+    expected = torch.tensor([[math.exp(0.5), 1.0, math.exp(-2.0), 2.0], [2.0, math.exp(0.2), 1.0, 1.0]])
     assert torch.allclose(weight, expected)
 
 
 def test_token_mask_with_a_lower_bound(po_loss_batch):
     weight = RolloutCorrection().po_rollout_correction(_batch(po_loss_batch, "token_mask", clip_min=0.5))
-    expected = torch.tensor([[math.exp(0.5), 0.0, 0.0], [0.0, math.exp(0.2), 1.0]])
+    expected = torch.tensor([[math.exp(0.5), 1.0, 0.0, 0.0], [0.0, math.exp(0.2), 1.0, 1.0]])
     assert torch.allclose(weight, expected)
 
 
 def test_sequence_modes(po_loss_batch):
+    """Sequence log-weights over the loss tokens: 0.5 - 2 + 1 = -0.5 (the hole's 3 left out; with it 2.5, which
+    truncates to 2 and is masked to 0) and 1 + 0.2 = 1.2 (> log 2: truncated to 2, masked to 0)."""
     truncate = RolloutCorrection().po_rollout_correction(_batch(po_loss_batch, "sequence_truncate"))
-    assert torch.allclose(truncate, torch.tensor([[math.exp(-0.5)], [2.0]]))  # sums -0.5 and 1.2
+    assert torch.allclose(truncate, torch.tensor([[math.exp(-0.5)], [2.0]]))
     mask = RolloutCorrection().po_rollout_correction(_batch(po_loss_batch, "sequence_mask"))
     assert torch.allclose(mask, torch.tensor([[math.exp(-0.5)], [0.0]]))
 
