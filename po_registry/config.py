@@ -99,10 +99,24 @@ class PolicyOptimizationConfig(GRPOConfig):
             except json.JSONDecodeError as exc:
                 raise OptionError(f"method_options is not valid JSON: {exc}") from None
         self.method_options = dict(self.method_options or {})
-        self.method_options = self.resolve().options
+        self._po_assembly = self.resolve()
+        self.method_options = self._po_assembly.options
 
     def resolve(self):
         """Assemble and check the chosen methods against this config; returns the :class:`Assembly`."""
         assembly = assemble(self.methods, self.method_options)
         Pipeline(assembly).check_config(self)
         return assembly
+
+    def checked_assembly(self):
+        """The assembly this config was checked with (its option sources intact), or None when the methods or
+        options changed since; copies and pickles (checkpoints) do not carry it."""
+        assembly = getattr(self, "_po_assembly", None)
+        if assembly is None or [m.name for m in assembly.methods] != list(self.methods or ["grpo"]):
+            return None
+        return assembly if assembly.options == self.method_options else None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_po_assembly", None)  # plugin objects are the process's own: never copied or pickled
+        return state

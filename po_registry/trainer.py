@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from trl.data_utils import is_conversational
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
-from .errors import OptionError
+from .errors import CouplingWarning, OptionError
 from .pipeline import Pipeline, assemble
 
 STATE_FILE = "po_registry_state.pt"
@@ -48,9 +49,15 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = PolicyOptimizationConfig(output_dir=f"{Path(name).name or 'model'}-PO")
-        methods = getattr(args, "methods", None) or ["grpo"]
-        self.po_pipeline = Pipeline(assemble(methods, getattr(args, "method_options", None) or {}))
-        self.po_pipeline.check_config(args)
+        assembly = args.checked_assembly() if hasattr(args, "checked_assembly") else None
+        if assembly is None:
+            methods = getattr(args, "methods", None) or ["grpo"]
+            assembly = assemble(methods, getattr(args, "method_options", None) or {})
+        self.po_pipeline = Pipeline(assembly)
+        with warnings.catch_warnings():
+            if assembly is getattr(args, "_po_assembly", None):  # checked when the config was made: warned then
+                warnings.simplefilter("ignore", CouplingWarning)
+            self.po_pipeline.check_config(args)  # again: settings may have changed since the config was made
         self._po_rewards: tuple[torch.Tensor, RewardBatch] | None = None
         if kwargs.get("rollout_func") is not None:  # multi-turn environments are a supported use here
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -40,3 +40,19 @@ def test_a_sequence_ratio_with_a_token_correction_is_refused_when_asked():
                                           "plugin 'gspo'"):
         default_args(["gspo", "rollout-correction"], {"rollout_correction_mode": "token_mask",
                                                       "rollout_correction_match_ratio": True})
+
+
+def test_a_trainer_uses_the_assembly_its_config_was_checked_with(po_trainer, tmp_path):
+    """Assembled and checked once: a coupling warning is printed once, and `explain`'s option sources stay as the
+    user and the methods set them (re-assembling from the config's resolved options made every one "user")."""
+    import warnings
+
+    from po_registry import CouplingWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = po_trainer(["opd-reward"], {"opd_lambda": 0.5, "opd_teacher": str(tmp_path / "tiny-model")})
+    coupling = [w for w in caught if issubclass(w.category, CouplingWarning)]
+    assert len(coupling) == 1 and "opd-reward" in str(coupling[0].message)
+    sources = trainer.po_pipeline.assembly.option_sources
+    assert sources["opd_lambda"] == "user" and sources["opd_clip"] == "default"
