@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the embedded ~1M-parameter model on 2-digit addition, GRPO, LoRA r16.")
     train.add_argument("--method", action="append", metavar="NAME[,NAME]",
                        help="method(s) to compose; repeat or comma-separate (default: grpo)")
-    train.add_argument("--model", help="a local Hugging Face model directory or a .gguf file (default: embedded)")
+    train.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a named model: "
+                       "smollm2 (its recipe sets the task, prompt style, steps and batch; see docs/prompts.md) "
+                       "(default: embedded)")
     train.add_argument("--task", help="embedded task (default: addition; see `po-registry tasks`)")
     train.add_argument("--dataset", help="a local file that `datasets` loads (csv, json, jsonl, parquet) with "
                        "'prompt' and 'answer' columns; evaluated on a held-out tenth")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model directory or .gguf file (default: the adapter's base model, "
                           "else the embedded warm start)")
     evaluate.add_argument("--adapter", help="a LoRA adapter directory to apply (from `po-registry train`)")
-    evaluate.add_argument("--task", default="addition", help="embedded task (default: addition)")
+    evaluate.add_argument("--task", help="embedded task (default: the adapter's run's task, else addition)")
     evaluate.add_argument("--dataset", help="score a prompt/answer file's held-out tenth instead of a task")
     evaluate.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
                           help="as for train (default auto)")
@@ -285,23 +287,20 @@ def _eval(args) -> int:
     from .run import load_model, read_dataset, resolve_task
 
     _quiet_libraries()
-    if args.dataset:
-        task = read_dataset(args.dataset, command="eval")
+    run = _adapter_run(args.adapter)  # an adapter's run: its task, data and prompt style, unless given here
+    dataset = args.dataset or (run.get("dataset") if args.task is None else None)
+    if dataset:
+        task = read_dataset(dataset, command="eval")
     else:
         try:
-            task = resolve_task(args.task)
+            task = resolve_task(args.task or run.get("task") or "addition")
         except PORegistryError as exc:
             fail("eval", str(exc))
     model_path = args.model
     if args.adapter:
         model_path = model_path or _adapter_base(args.adapter)
     model, tokenizer = load_model(model_path, task, command="eval")
-    style = args.prompt_style
-    saved = Path(args.adapter).parent / "config.yaml" if args.adapter else None
-    if style == "auto" and saved is not None and saved.is_file():  # the style the run trained with
-        import yaml
-
-        style = (yaml.safe_load(saved.read_text()) or {}).get("prompt_style", "auto")
+    style = run.get("prompt_style", "auto") if args.prompt_style == "auto" else args.prompt_style
     try:
         task = prompted(task, tokenizer, style)
     except PORegistryError as exc:
@@ -321,6 +320,20 @@ def _eval(args) -> int:
     else:
         print(f"{task.name}: {task.metric} {accuracy:.1%} on {len(problems)} held-out problems")
     return 0
+
+
+def _adapter_run(adapter: str | None) -> dict:
+    """The settings of the run that wrote ``adapter`` (its config.yaml beside it), or {}."""
+    saved = Path(adapter).parent / "config.yaml" if adapter else None
+    if saved is None or not saved.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        fail("eval", f"--adapter {adapter}: its run's {saved} cannot be read ({str(exc).splitlines()[0]})")
+    return data if isinstance(data, dict) else {}
 
 
 def _adapter_base(adapter: str) -> str | None:

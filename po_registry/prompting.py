@@ -105,11 +105,21 @@ class PromptedTask(SingleTurn):
     def eval_problems(self, count: int = 512):
         return [(self.render(prompt), answer) for prompt, answer in self.task.eval_problems(count)]
 
+    def end_token_ids(self) -> list[int]:
+        """Tokens that end a completion: end of sequence, and for few-shot the end of the line (the answer's line is
+        the whole answer; without it every completion runs to the token budget and counts as truncated)."""
+        ends = [self.tokenizer.eos_token_id]
+        newline = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if self.style == "few-shot" and len(newline) == 1 and newline[0] not in ends:
+            ends.append(newline[0])
+        return ends
+
     def evaluate(self, model, tokenizer, problems) -> float:
         from .embedded import greedy_accuracy
 
         return greedy_accuracy(model, tokenizer, problems, self.max_completion_length,
-                               correct=lambda text, answer: answers_match(text, answer, self.style))
+                               correct=lambda text, answer: answers_match(text, answer, self.style),
+                               eos_token_id=self.end_token_ids())
 
     def reward_function(self):
         style = self.style

@@ -374,6 +374,9 @@ def resolve_settings(args) -> tuple[dict, dict, dict]:
             fail("train", f"--config {args.config}: no such file")
         explicit_run, explicit_trainer, explicit_options = _settings_from(Path(args.config), fields)
     explicit_run.update(_flag_settings(args))
+    if not args.resume:  # a resumed run's saved settings already hold its model's recipe
+        for key, value in model_recipe(explicit_run.get("model")).items():
+            (run if key in RUN_DEFAULTS else trainer)[key] = value
     if args.resume:
         for key in RUN_IDENTITY:
             if key in explicit_run and explicit_run[key] != run[key]:
@@ -386,6 +389,13 @@ def resolve_settings(args) -> tuple[dict, dict, dict]:
     options.update(explicit_options)
     options.update(dict(args.option or []))
     return run, trainer, options
+
+
+def model_recipe(model: str | None) -> dict[str, Any]:
+    """The settings a named model's runs start from (empty for a path or the embedded model)."""
+    from .models import NAMED_MODELS
+
+    return dict(NAMED_MODELS[model].recipe) if model in NAMED_MODELS else {}
 
 
 def _last_checkpoint(run_dir: Path) -> Path | None:
@@ -435,6 +445,12 @@ def train(args) -> int:
 
     run, trainer_overrides, options = resolve_settings(args)
     processes = Processes()
+    recipe = {} if args.resume else model_recipe(run["model"])
+    kept = {key: value for key, value in recipe.items()
+            if (run if key in RUN_DEFAULTS else trainer_overrides).get(key) == value}
+    if kept and processes.main:
+        print(f"--model {run['model']}: from its recipe (a flag or --config value overrides any): "
+              + ", ".join(f"{key} {value}" for key, value in kept.items()))
     resume_from = None
     if args.resume:
         run_dir = Path(args.resume)
@@ -495,6 +511,10 @@ def train(args) -> int:
         config.max_completion_length = task.max_completion_length
     reward = custom_reward or task.reward_function()
     model = load_weights(location, load_kwargs)
+    if hasattr(task, "end_token_ids"):  # generation stops, and a completion counts as finished, at these tokens
+        known = model.generation_config.eos_token_id
+        known = [] if known is None else [known] if isinstance(known, int) else list(known)
+        model.generation_config.eos_token_id = known + [t for t in task.end_token_ids() if t not in known]
     processes.wait()  # every process has checked everything before the main one writes
     if not processes.main:
         return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from, main=False)

