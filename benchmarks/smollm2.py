@@ -40,8 +40,9 @@ def main() -> None:
                  f"--eval-size {args.eval_size} --eval-every {max(1, args.steps // 2)}")
         results = compare([f"{method} {flags}" for method in args.methods], args.seeds, args.steps, args.task,
                           args.plot, title=f"SmolLM2-135M-Instruct, {args.task}, few-shot, LoRA r16")
-    print(f"\nseconds a step (the run's seconds over its steps, evaluations included): " + ", ".join(
-        f"{label(method)} {statistics.mean(r['seconds'] for r in runs) / args.steps:.1f}" for method, runs in results.items()))
+    per_step = {label(method): statistics.mean(r["seconds"] for r in runs) / args.steps for method, runs in results.items()}
+    print("\nseconds a step (the run's seconds over its steps, evaluations included): "
+          + ", ".join(f"{name} {seconds:.1f}" for name, seconds in per_step.items()))
     print("recipe:", RECIPE, "learning rate", args.learning_rate)
 
 

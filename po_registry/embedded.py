@@ -1,8 +1,9 @@
 """The embedded model: a character tokenizer and a ~1M-parameter Llama, warm-started on a task so RL has signal.
 
-Nothing is downloaded. The first use of a task trains the warm start (a deterministic supervised pass that stops
-once greedy accuracy on a training-split sample reaches ``target_accuracy``, about a minute on 2 CPU cores) and caches it under
-``$PO_REGISTRY_CACHE`` (default ``~/.cache/po-registry``); later uses load it with ``AutoModelForCausalLM``.
+Nothing is downloaded. The first use of a task trains the warm start (a deterministic supervised pass on the
+task's training split that stops once greedy accuracy on a training-split sample reaches ``target_accuracy``, about
+a minute on 2 CPU cores) and caches it under ``$PO_REGISTRY_CACHE`` (default ``~/.cache/po-registry``); later uses
+load it with ``AutoModelForCausalLM``.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def warm_start(task, seed: int = 0, target_accuracy: float = 0.3, max_steps: int
                model=None, min_steps: int = 0):
     """Supervised warm start on ``task``: AdamW lr 3e-3, 100 warm-up steps, fresh training-split problems every
     step; stops at the first evaluation (every ``eval_every`` steps from step 100) whose greedy accuracy on a
-    training-split sample reaches ``target_accuracy``, and not before ``min_steps``. Continues training ``model`` when one is given. Returns (model, tokenizer, accuracy,
-    steps)."""
+    training-split sample reaches ``target_accuracy``, and not before ``min_steps``. Continues training ``model``
+    when one is given. Returns (model, tokenizer, accuracy, steps)."""
     tokenizer = char_tokenizer()
     model = model if model is not None else llama(tokenizer, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)

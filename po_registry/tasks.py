@@ -61,9 +61,9 @@ class Task(SingleTurn):
         seeds."""
         rng = random.Random(seed)
         chosen: list[tuple[str, str]] = []
-        for _ in range(MAX_DRAWS_PER_PROBLEM * max(count, 1)):
+        for _ in range(MAX_DRAWS_PER_PROBLEM * count):
             if len(chosen) == count:
-                return chosen
+                break
             problem = self.make_problem(rng)
             if is_held_out(problem[0]) == held_out:
                 chosen.append(problem)
