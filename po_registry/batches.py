@@ -45,9 +45,13 @@ class RewardBatch:
     log_metric: Callable[[str, float], None] = _ignore_metric
     # (B, T) -> (N, T): concatenate this process's rows with every other process's, padding T to the longest.
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    # (N,) weighted reward of one greedy (temperature 0) completion of each row's prompt, no gradient; generated,
-    # scored and shaped (the same po_shape_rewards fold as the samples) on first call (a baseline, as in ReMax).
-    # NaN where every reward function returned None and no shaping scored it.
+    # One greedy (temperature 0) completion of each row's prompt, decoded and scored on first call: its raw
+    # rewards (N, K), completion lengths (N,) and truncation flags (N,). The trainer provides it; the pipeline
+    # shapes it into ``greedy_rewards``.
+    greedy_completions: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    # (N,) weighted reward of those greedy completions, no gradient, shaped by the same po_shape_rewards fold as
+    # the samples (a baseline, as in ReMax); NaN where every reward function returned None and no shaping scored
+    # it. Set by the pipeline's advantage stage from ``greedy_completions``.
     greedy_rewards: Callable[[], torch.Tensor] | None = None
 
     @property

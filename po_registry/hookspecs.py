@@ -182,7 +182,8 @@ def po_compute_advantages(rewards, batch):
     a finite advantage (usually 0). The trainer slices this process's rows.
 
     ``batch.gather`` turns a (B, T) tensor computed on ``batch.local`` into (N, T) (a critic's values);
-    ``batch.greedy_rewards()`` decodes and scores one greedy completion per prompt (a ReMax baseline);
+    ``batch.greedy_rewards()`` decodes, scores and shapes (as the samples) one greedy completion per prompt (a
+    ReMax baseline);
     ``batch.carry(key, values)`` attaches (N,) or (N, T) per-row values that the loss stages read as
     ``LossBatch.inputs[key]`` (value targets); ``batch.rows`` are this process's input rows with what a rollout
     function added (multi-turn episodes), and ``batch.token_field(key)`` gathers a per-token list field of them

@@ -718,21 +718,19 @@ def _oracle_args(methods: list[str], options, config):
                                     method_options=dict(options or {}), **fields)
 
 
-def _greedy_reward(pipeline, world: World, args) -> torch.Tensor:
-    """The weighted reward of the greedy completion, shaped by the pipeline like the samples (the contract of
-    ``RewardBatch.greedy_rewards``; the trainer decodes and scores it, here it is the argmax completion)."""
-    from .batches import RewardBatch
-
+def _greedy_completions(world: World, rows: int):
+    """The greedy completion's raw rewards, length and truncation for each of ``rows`` rows (the contract of
+    ``RewardBatch.greedy_completions``: the trainer decodes and scores it, here it is the argmax completion; the
+    pipeline shapes it like the samples)."""
     g = world.greedy()
-    batch = RewardBatch(reward_names=list(world.reward_names), reward_weights=world.reward_weights.clone(),
-                        group_size=1, completion_lengths=world.lengths[g : g + 1],
-                        truncated=world.truncated[g : g + 1], max_completion_length=LENGTH, options=pipeline.options,
-                        args=args)
-    return batch.weighted_reward(pipeline.shape_rewards(world.rewards[g : g + 1].clone(), batch))[0]
+    return (world.rewards[g : g + 1].expand(rows, -1).clone(), world.lengths[g : g + 1].expand(rows).clone(),
+            world.truncated[g : g + 1].expand(rows).clone())
 
 
-def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.Generator) -> torch.Tensor:
-    """-grad(loss) of one sampled batch of ``rows`` completions (groups of G), through the pipeline's stages."""
+def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.Generator,
+                      seen: dict | None = None) -> torch.Tensor:
+    """-grad(loss) of one sampled batch of ``rows`` completions (groups of G), through the pipeline's stages;
+    ``seen`` (when given) receives the sampled completions' indices and the advantage stage's output."""
     from .batches import LossBatch, RewardBatch
 
     G, T = GROUP_SIZE, LENGTH
@@ -752,18 +750,19 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
     local = {"prompt_ids": torch.tensor(PROMPT).repeat(rows, 1), "prompt_mask": torch.ones(rows, len(PROMPT)).long(),
              "completion_ids": ids, "completion_mask": completion_mask.long(), "tool_mask": tool_mask.long(),
              "ref_per_token_logps": ref_logps}
-    greedy_reward = _greedy_reward(pipeline, world, args)
     batch = RewardBatch(
         reward_names=list(world.reward_names), reward_weights=world.reward_weights.clone(), group_size=G,
         completion_lengths=world.lengths[picked], truncated=truncated, max_completion_length=T,
         options=pipeline.options, args=args, local=local, rows=[{} for _ in range(rows)],
         policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(),
-        greedy_rewards=lambda: greedy_reward.expand(rows).clone())
+        greedy_completions=lambda: _greedy_completions(world, rows))
     # The stages in the trainer's order, each seeing what the trainer gives it at that point.
     rewards = pipeline.shape_rewards(world.rewards[picked].clone(), batch)
     token_rewards = pipeline.token_rewards(batch, like=loss_mask)
     batch.completion_mask, batch.token_rewards = loss_mask, token_rewards
     advantages = pipeline.compute_advantages(rewards, batch)
+    if seen is not None:
+        seen.update(picked=picked, advantages=advantages.detach())
     keep = torch.ones(rows, dtype=torch.bool)
     for selected in (pipeline.select_samples(rewards, batch), pipeline.select_groups(rewards, batch)):
         if selected is not None:
@@ -867,14 +866,16 @@ def check_method(methods: str | list[str], options: Mapping[str, Any] | None = N
             result.passed, result.note = False, "the declaration's expectation is not finite (a Rule divides by 0?)"
             return result
         generator = torch.Generator().manual_seed(seed)
+        seen = {}
         try:
-            samples = torch.stack([pipeline_gradient(pipeline, world, args, rows, generator)
-                                   for _ in range(batches)])
+            samples = torch.stack([pipeline_gradient(pipeline, world, args, rows, generator, seen if i == 0 else None)
+                                   for i in range(batches)])
         except PORegistryError as exc:  # a stage that fails on the oracle's batches fails the check
             result.passed, result.note = False, f"{type(exc).__name__}: {exc}"
             return result
+        result.note = _advantage_mismatch(world, objective, assembly.options, **seen)
         if objective.rewards == "non_negative":
-            result.note = _refuses_mixed_signs(pipeline, args, rows, generator, PORegistryError)
+            result.note = result.note or _refuses_mixed_signs(pipeline, args, rows, generator, PORegistryError)
     finally:
         for install in objective.needs.values():
             install(None)
@@ -899,6 +900,25 @@ def check_method(methods: str | list[str], options: Mapping[str, Any] | None = N
     else:
         result.passed = result.error <= result.tolerance and scale > 0 and not result.note
     return result
+
+
+def _advantage_mismatch(world: World, objective: Objective, options, picked: torch.Tensor,
+                        advantages: torch.Tensor) -> str:
+    """'' when the advantage stage's per-sequence output on a sampled batch equals the declared advantage of each
+    sampled group (where the declaration fixes it exactly), else the largest difference. A baseline that depends
+    only on the prompt (ReMax's greedy reward) leaves the expected gradient unbiased whatever its value, so the
+    gradient alone cannot see it wrong; the values can."""
+    if (advantages.dim() != 1 or objective.scale != "exact" or objective.dense or objective.group_dense
+            or objective.advantage in ("zero", None)):
+        return ""
+    reward = world.weighted_reward(objective.shaping)
+    groups = picked.view(-1, GROUP_SIZE)
+    expected = _group_advantage(objective.advantage, reward[groups], world.lengths[groups].float(), options,
+                                reward[world.greedy()]).flatten()
+    gap = float((advantages.float() - expected).abs().max())
+    if gap <= 1e-4 * (1 + float(expected.abs().max())):
+        return ""
+    return f"the advantages differ from the declared {objective.advantage} advantage by up to {gap:.3g}"
 
 
 def _refuses_mixed_signs(pipeline, args, rows, generator, error_type) -> str:
@@ -934,12 +954,22 @@ def check_all(methods=None, setups=SETUPS, registry=None, settings: Mapping[str,
 def main(argv=None) -> int:
     import warnings
 
+    from .docs import ORACLE_SETTINGS
+
     warnings.simplefilter("ignore")
-    results = check_all(list(argv if argv is not None else sys.argv[1:]) or None)
+    results = []
+    for name in list(argv if argv is not None else sys.argv[1:]) or [None]:
+        if name is not None and "," in name:  # a composition, as --method takes it
+            results += [check_method(name.split(","), setup=setup) for setup in SETUPS]
+        else:
+            results += check_all([name] if name else None, settings=ORACLE_SETTINGS)
     for result in results:
         print(result.describe())
     return 0 if all(r.passed is not False for r in results) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: plugins declare with po_registry.oracle's classes, not __main__'s copies.
+    from po_registry.oracle import main as _main
+
+    sys.exit(_main())

@@ -10,13 +10,15 @@ the hook and the step.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .batches import LossBatch, RewardBatch
+from .batches import LossBatch, RewardBatch, _ignore_metric
 from .errors import CompositionError, HookError, OptionError, closest
 from .registry import BASELINE_METHOD, STAGE_HOOKS, Method, Registry, get_registry, stage_of
 
@@ -225,7 +227,20 @@ class Pipeline:
                 total = result if total is None else total + result
         return total
 
+    def greedy_baseline(self, batch: RewardBatch) -> torch.Tensor:
+        """(N,) weighted reward of the greedy completions (``batch.greedy_completions``), shaped by the same
+        po_shape_rewards fold as the samples, with the greedy completions' own lengths and truncation. Their
+        shaping metrics are not logged: the metrics describe the samples."""
+        rewards, lengths, truncated = batch.greedy_completions()
+        greedy_batch = dataclasses.replace(
+            batch, completion_lengths=lengths, truncated=truncated, local={}, rows=[], completion_mask=None,
+            token_rewards=None, policy_logps=None, greedy_completions=None, greedy_rewards=None,
+            log_metric=_ignore_metric)
+        return batch.weighted_reward(self.shape_rewards(rewards, greedy_batch))
+
     def compute_advantages(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+        if batch.greedy_rewards is None and batch.greedy_completions is not None:
+            batch.greedy_rewards = functools.cache(lambda: self.greedy_baseline(batch))
         (plugin, result), = self._call("po_compute_advantages", batch.step, rewards=rewards, batch=batch)
         n = batch.num_rows
         shapes = [(n,)] + ([tuple(batch.completion_mask.shape)] if batch.completion_mask is not None else [])

@@ -9,7 +9,6 @@ rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_sav
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import warnings
@@ -166,7 +165,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         batch.local = out
         batch.rows = inputs
         batch.policy_logps = functools.cache(lambda: self._behaviour_logps(out))
-        batch.greedy_rewards = functools.cache(lambda: self._greedy_rewards(inputs, out, batch))
+        batch.greedy_completions = functools.cache(lambda: self._greedy_completions(inputs, out))
         token_rewards = self.po_pipeline.token_rewards(batch, like=loss_mask)
         batch.completion_mask = self._gather_padded(loss_mask)
         if token_rewards is not None:
@@ -203,10 +202,10 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             return out["old_per_token_logps"]
         return sampled_token_logps(self, out)
 
-    def _greedy_rewards(self, inputs, out, batch: RewardBatch) -> torch.Tensor:
-        """(N,) weighted reward of a greedy completion of each row's prompt: one decode per distinct prompt on
-        this process (a prompt's G rows are adjacent), scored by the reward functions and shaped by the same
-        po_shape_rewards fold as the samples (with the greedy completions' own lengths and truncation), gathered."""
+    def _greedy_completions(self, inputs, out):
+        """A greedy completion of each row's prompt: one decode per distinct prompt on this process (a prompt's G
+        rows are adjacent), scored by the reward functions, gathered: raw rewards (N, K), lengths, truncation.
+        The pipeline shapes them like the samples (``Pipeline.greedy_baseline``)."""
         if self.use_vllm:
             raise NotImplementedError("greedy baselines are decoded with transformers; they are not available "
                                       "with use_vllm=True")
@@ -232,12 +231,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         prompt_texts = [row["prompt"] for row in inputs]
         rewards = GRPOTrainer._calculate_rewards(self, inputs, prompt_texts, completions, completion_ids)
         lengths, truncated = self._lengths_and_truncation(completion_ids, rewards.device)
-        # The samples' shaping batch as it was before the advantage stage filled in the rollout; the greedy rows'
-        # shaping metrics are not logged (they describe the samples).
-        greedy_batch = dataclasses.replace(batch, completion_lengths=lengths, truncated=truncated, local={}, rows=[],
-                                           completion_mask=None, token_rewards=None, policy_logps=None,
-                                           greedy_rewards=None, log_metric=lambda name, value: None)
-        return batch.weighted_reward(self.po_pipeline.shape_rewards(rewards, greedy_batch))
+        return rewards, lengths, truncated
 
     def _refill(self, inputs, out, kept_groups, rounds: int):
         """Dynamic sampling: replace dropped groups with groups of fresh prompts until every process has a full

@@ -92,5 +92,5 @@ class KLReward:
         # independent of the advantage owner (one advantage per sequence or per token).
         kl = kl_estimate(batch.old_logps, batch.ref_logps, batch.options["kl_reward_estimator"]) * batch.mask
         batch.log_metric(f"kl_reward/{batch.options['kl_reward_estimator']}", batch.global_masked_mean(kl))
-        kl_return = returns_to_go(kl.detach())
+        kl_return = returns_to_go(kl.detach(), 1.0, batch.mask)
         return batch.args.beta * kl_return * torch.exp(log_weights) * batch.mask

@@ -80,3 +80,37 @@ def test_greedy_baseline_goes_through_the_reward_shaping(po_trainer):
                                        pad_token_id=tokenizer.pad_token_id)
         assert generated.shape[1] - ids.shape[1] == 4  # the greedy completion reaches the cap: R_len = -1
         assert greedy[group * 4:(group + 1) * 4].tolist() == pytest.approx([0.0] * 4, abs=1e-6)
+
+
+def test_the_greedy_baseline_is_shaped_like_the_samples():
+    """Composed shaping reaches the baseline: with overlong-reward (L_max 10, L_cache 2: the penalty ramps from 0
+    at length 8 to -1 at 10) a greedy completion of length 10 scores 1 - 1 = 0, one of length 4 keeps its 1."""
+    from po_registry.batches import RewardBatch
+    from po_registry.pipeline import Pipeline, assemble
+
+    pipeline = Pipeline(assemble(["remax", "overlong-reward"], {}))
+    greedy = (torch.tensor([[1.0], [1.0], [1.0], [1.0]]), torch.tensor([10, 10, 4, 4]),
+              torch.tensor([True, True, False, False]))
+    batch = RewardBatch(reward_names=["r"], reward_weights=torch.ones(1), group_size=2,
+                        completion_lengths=torch.tensor([9, 3, 3, 10]), truncated=torch.tensor([0, 0, 0, 1]).bool(),
+                        max_completion_length=10, options=pipeline.options, args=default_args(["remax"]),
+                        greedy_completions=lambda: greedy)
+    rewards = pipeline.shape_rewards(torch.tensor([[1.0], [0.0], [1.0], [1.0]]), batch)  # 0.5, 0, 1, 0
+    advantages = pipeline.compute_advantages(rewards, batch)
+    assert torch.allclose(advantages, torch.tensor([0.5, 0.0, 0.0, -1.0]))
+
+
+def test_the_oracle_catches_a_greedy_baseline_that_skips_shaping(monkeypatch):
+    """An unshaped baseline is constant per prompt, so the expected gradient stays unbiased: the oracle's check of
+    the advantage values against the declaration is what sees it."""
+    import warnings
+
+    from po_registry.oracle import check_method
+    from po_registry.pipeline import Pipeline
+
+    warnings.simplefilter("ignore")
+    assert check_method(["remax", "overlong-reward"], setup="environment", batches=8, rows=256).passed
+    monkeypatch.setattr(Pipeline, "greedy_baseline",
+                        lambda self, batch: batch.weighted_reward(batch.greedy_completions()[0]))
+    caught = check_method(["remax", "overlong-reward"], setup="environment", batches=8, rows=256)
+    assert caught.passed is False and "differ from the declared greedy advantage by up to 1" in caught.note
