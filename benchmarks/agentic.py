@@ -25,7 +25,7 @@ def play(model_dir: Path, adapter: Path | None, games: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from po_registry.agentic import greedy_episodes
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
 
     task = get_task("guess")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from po_registry.embedded import embedded_model_dir
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
 
     model_dir = embedded_model_dir(get_task("guess"))
     before = play(model_dir, None, args.games)

@@ -34,7 +34,7 @@ def train(seed: int, run_dir: Path, cache: Path) -> dict:
 
 def overlap() -> tuple[int, int]:
     """(training prompts that are also held-out prompts, distinct held-out prompts) for the default task."""
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
 
     task = get_task("addition")
     held_out = {prompt for prompt, _ in task.eval_problems()}

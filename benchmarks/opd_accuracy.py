@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from method_accuracy import compare  # noqa: E402
 
 from po_registry.embedded import embedded_model_dir  # noqa: E402
-from po_registry.tasks import get_task  # noqa: E402
+from po_registry.registry import get_task  # noqa: E402
 
 
 def main() -> None:

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="the assembled pipeline of one or more methods",
                                   description="Which plugin owns each stage, the options and whether the "
                                   "composition is valid.")
-    explain.add_argument("methods", nargs="+", metavar="METHOD")
+    explain.add_argument("methods", nargs="+", metavar="METHOD[,METHOD]",
+                         help="methods to compose, as train's --method takes them (names or comma lists)")
     explain.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE")
 
     tasks = commands.add_parser("tasks", help="the embedded tasks", description="List the embedded tasks.")
@@ -212,21 +213,19 @@ def _methods(args) -> int:
 
 
 def _explain(args) -> int:
-    from .errors import PORegistryError
-    from .pipeline import assemble
-
     import tempfile
     import warnings
 
     from .config import PolicyOptimizationConfig
-    from .errors import CouplingWarning
+    from .errors import CouplingWarning, PORegistryError
 
+    methods = [name.strip() for names in args.methods for name in names.split(",") if name.strip()]
     try:
-        assembly = assemble(args.methods, dict(args.option or []))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", CouplingWarning)
-            PolicyOptimizationConfig(output_dir=tempfile.gettempdir(), methods=args.methods, use_cpu=True,
-                                     method_options=dict(args.option or []), report_to="none")
+            config = PolicyOptimizationConfig(output_dir=tempfile.gettempdir(), methods=methods, use_cpu=True,
+                                              method_options=dict(args.option or []), report_to="none")
+        assembly = config.checked_assembly()
     except PORegistryError as exc:
         print(f"composition: INVALID: {exc}")
         return 2
@@ -239,7 +238,7 @@ def _explain(args) -> int:
 
 
 def _tasks(args) -> int:
-    from .tasks import get_tasks
+    from .registry import get_tasks
 
     rows = [{"task": t.name, "description": t.description, "max_completion_length": t.max_completion_length,
              "plugin": t.plugin, "example": list(t.problems(1, 0)[0])} for t in get_tasks().values()]

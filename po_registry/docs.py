@@ -76,6 +76,12 @@ def hook_reference(registry: Registry | None = None) -> str:
                 inspect.getdoc(func),
                 "",
             ]
+    lines += ["## Component attributes", "",
+              "Besides its hooks a component may declare these class attributes; the registry checks their types at "
+              "load (a wrong one is a load fault naming the plugin) and assembly acts on them.", "",
+              "| attribute | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | {kind.__name__} | {meaning} |"
+              for name, (kind, meaning) in hookspecs.COMPONENT_ATTRIBUTES.items()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -60,31 +60,6 @@ def llama(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
     return model
 
 
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int, batch_size: int = 256, correct=None,
-                    eos_token_id: int | list[int] | None = None) -> float:
-    """Fraction of problems whose greedy completion (text before EOS, stripped) equals the answer, or that
-    ``correct(completion, answer)`` accepts; ``eos_token_id``: the tokens that end a completion (default EOS)."""
-    from .tasks import is_correct
-
-    correct = correct or is_correct
-
-    was_training = model.training
-    model.eval()
-    tokenizer.padding_side = "left"
-    right = 0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        encoded = tokenizer([prompt for prompt, _ in chunk], return_tensors="pt", padding=True).to(model.device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
-        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        right += sum(correct(text, answer) for text, (_, answer) in zip(texts, chunk))
-    model.train(was_training)
-    return right / max(len(problems), 1)
-
-
 def _sft_batch(tokenizer, problems):
     """Right-padded prompt+answer+EOS with the loss on answer and EOS only."""
     ids, labels = [], []

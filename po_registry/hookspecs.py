@@ -40,6 +40,31 @@ SUPPORTED_API_VERSIONS = frozenset({1})
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+# What a component may declare about itself as class attributes, beside its hooks; the registry checks the types
+# at load (a wrong one is a load fault naming the plugin) and assembly acts on them.
+COMPONENT_ATTRIBUTES = {
+    "po_explain": (dict, "stage hook -> one line: what this component does there (shown by `explain`)"),
+    "po_importance_level": (str, "'token' or 'sequence': the granularity of the importance weights it owns"),
+    "po_reads": (tuple, "batch fields other components produce that it reads: 'token_rewards' (an advantage "
+                        "estimator that adds the dense per-token rewards; assembly refuses dense rewards without one)"),
+}
+READABLE_FIELDS = frozenset({"token_rewards"})
+
+
+def component_attribute_faults(plugin) -> list[str]:
+    """Problems with a component's declared attributes (see :data:`COMPONENT_ATTRIBUTES`), one line each."""
+    faults = []
+    for name, (kind, _) in COMPONENT_ATTRIBUTES.items():
+        value = getattr(plugin, name, None)
+        if value is not None and not isinstance(value, kind):
+            faults.append(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+    if getattr(plugin, "po_importance_level", None) not in (None, "token", "sequence"):
+        faults.append(f"po_importance_level must be 'token' or 'sequence', got {plugin.po_importance_level!r}")
+    unknown = set(getattr(plugin, "po_reads", None) or ()) - READABLE_FIELDS
+    if isinstance(getattr(plugin, "po_reads", None), tuple) and unknown:
+        faults.append(f"po_reads names unknown fields {sorted(unknown)}; known: {sorted(READABLE_FIELDS)}")
+    return faults
+
 Side = Literal["reward", "trajectory", "lifecycle"]
 Combine = Literal["single", "fold", "product", "sum", "all", "max", "each"]
 

@@ -118,6 +118,16 @@ def assemble(
     for hook in owners:
         owners[hook].sort(key=lambda name: order[name])
 
+    (advantage_owner,) = owners["po_compute_advantages"]
+    if owners["po_token_rewards"] and "token_rewards" not in getattr(components[advantage_owner], "po_reads", ()):
+        dense = ", ".join(f"plugin {name!r} (from method {brought_by[name]!r})" for name in owners["po_token_rewards"])
+        readers = sorted(method.name for method in registry.methods.values()
+                         if any("token_rewards" in getattr(registry.plugins[c].plugin, "po_reads", ())
+                                for c in method.components if c in registry.plugins and registry.plugins[c].plugin))
+        raise CompositionError(
+            f"dense token rewards of {dense} would be dropped: the advantage estimator, plugin {advantage_owner!r} "
+            f"(from method {brought_by[advantage_owner]!r}), gives one advantage per sequence and does not read "
+            f"batch.token_rewards; compose them with one that does ({', '.join(readers)})")
     values, sources = _resolve_options(chosen, components, options or {}, registry)
     return Assembly(chosen, components, owners, values, sources)
 

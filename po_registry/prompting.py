@@ -115,7 +115,7 @@ class PromptedTask(SingleTurn):
         return ends
 
     def evaluate(self, model, tokenizer, problems) -> float:
-        from .embedded import greedy_accuracy
+        from .tasks import greedy_accuracy
 
         return greedy_accuracy(model, tokenizer, problems, self.max_completion_length,
                                correct=lambda text, answer: answers_match(text, answer, self.style),

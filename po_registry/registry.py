@@ -179,8 +179,15 @@ class Registry:
         except Exception as exc:  # bad hook signature, unknown hook name
             self.plugins[name] = PluginInfo(name, None, distribution, version, builtin, f"{type(exc).__name__}: {exc}")
             return
+        ignored = _unhonoured_hookimpl_options(self.pm, plugin)
+        if ignored:  # the pipeline calls implementations one by one, in composition order: refuse, don't ignore
+            self.pm.unregister(plugin)
+            self.plugins[name] = PluginInfo(name, None, distribution, version, builtin, "; ".join(ignored))
+            return
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
         self.plugins[name] = PluginInfo(name, plugin, distribution, version, builtin, hooks=hooks)
+        for problem in hookspecs.component_attribute_faults(plugin):
+            self._load_faults.setdefault(name, []).append(problem)
         api = getattr(plugin, "po_registry_api", hookspecs.API_VERSION)
         if api not in hookspecs.SUPPORTED_API_VERSIONS:
             supported = ", ".join(map(str, sorted(hookspecs.SUPPORTED_API_VERSIONS)))
@@ -313,10 +320,43 @@ def _version(distribution: str) -> str:
         return "?"
 
 
+UNHONOURED_HOOKIMPL_OPTIONS = ("tryfirst", "trylast", "hookwrapper", "wrapper")
+
+
+def _unhonoured_hookimpl_options(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """What the plugin's hook implementations ask of pluggy that po-registry does not do: call order comes from
+    the composition (a method's components, in the order methods are chosen), not from tryfirst/trylast, and no
+    implementation wraps another."""
+    problems = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin:
+                asked = [option for option in UNHONOURED_HOOKIMPL_OPTIONS if getattr(impl, option, False)]
+                if asked:
+                    problems.append(f"{caller.name} is marked {', '.join(asked)}, which po-registry does not "
+                                    "honour (stages run in composition order; no implementation wraps another)")
+    return problems
+
+
 @functools.lru_cache(maxsize=1)
 def get_registry() -> Registry:
     """The process-wide registry, loaded on first use."""
     return Registry()
+
+
+def get_tasks() -> dict:
+    """Built-in tasks plus those registered by plugins, by name."""
+    return get_registry().tasks
+
+
+def get_task(name: str):
+    """The registered :class:`~po_registry.tasks.Task` called ``name``; an unknown name is one clear error."""
+    from .tasks import UnknownTaskError
+
+    tasks = get_tasks()
+    if name not in tasks:
+        raise UnknownTaskError(f"unknown task {name!r}.{closest(name, tasks)} Available: {', '.join(sorted(tasks))}.")
+    return tasks[name]
 
 
 def reload_registry() -> Registry:

@@ -81,7 +81,7 @@ class DatasetTask(SingleTurn):
 
 
 def resolve_task(name: str):
-    from .tasks import get_task
+    from .registry import get_task
 
     return get_task(name)
 

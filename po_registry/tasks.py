@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import OptionError, UnknownMethodError, closest
+from .errors import OptionError, UnknownMethodError
 
 EVAL_SEED = 1234
 TRAIN_SEED = 0
@@ -30,8 +30,6 @@ class SingleTurn:
 
     def evaluate(self, model, tokenizer, problems) -> float:
         """The held-out score: the fraction of greedy completions equal to the answer."""
-        from .embedded import greedy_accuracy
-
         return greedy_accuracy(model, tokenizer, problems, self.max_completion_length)
 
     def reward_function(self):
@@ -223,15 +221,25 @@ BUILTIN_TASKS = [
 ]
 
 
-def get_tasks() -> dict[str, Task]:
-    """Built-in tasks plus those registered by plugins."""
-    from .registry import get_registry
+def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int, batch_size: int = 256, correct=None,
+                    eos_token_id: int | list[int] | None = None) -> float:
+    """Fraction of problems whose greedy completion (text before EOS, stripped) equals the answer, or that
+    ``correct(completion, answer)`` accepts; ``eos_token_id``: the tokens that end a completion (default EOS)."""
+    import torch
 
-    return get_registry().tasks
-
-
-def get_task(name: str) -> Task:
-    tasks = get_tasks()
-    if name not in tasks:
-        raise UnknownTaskError(f"unknown task {name!r}.{closest(name, tasks)} Available: {', '.join(sorted(tasks))}.")
-    return tasks[name]
+    correct = correct or is_correct
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    right = 0
+    with torch.no_grad():
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            encoded = tokenizer([prompt for prompt, _ in chunk], return_tensors="pt", padding=True).to(model.device)
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
+            texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            right += sum(correct(text, answer) for text, (_, answer) in zip(texts, chunk))
+    model.train(was_training)
+    return right / max(len(problems), 1)

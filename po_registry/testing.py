@@ -193,7 +193,7 @@ def po_trainer(tmp_path, po_tokenizer):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from .config import PolicyOptimizationConfig
-        from .tasks import get_task
+        from .registry import get_task
         from .trainer import PolicyOptimizationTrainer
 
         config = dict(output_dir=str(tmp_path / "trainer"), use_cpu=True, bf16=False, report_to="none",
@@ -415,7 +415,7 @@ def trl_parity(model_dir, tokenizer, methods, trl_flags: dict, options: dict | N
     from trl import GRPOConfig, GRPOTrainer
 
     from .config import PolicyOptimizationConfig
-    from .tasks import get_task
+    from .registry import get_task
     from .trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout, sampled_token_logps, train_metrics
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from po_registry import PolicyOptimizationConfig, PolicyOptimizationTrainer  # noqa: E402
 from po_registry.errors import OptionError  # noqa: E402
-from po_registry.tasks import get_task  # noqa: E402
+from po_registry.registry import get_task  # noqa: E402
 from po_registry.testing import char_tokenizer, partial_credit, tiny_causal_lm  # noqa: E402
 
 out = sys.argv[1]

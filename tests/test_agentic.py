@@ -8,7 +8,8 @@ import torch
 
 from po_registry.agentic import environment_reward, multi_turn_rollout, state_hash
 from po_registry.hookspecs import hookimpl
-from po_registry.tasks import GuessNumber, get_task, guess_secret
+from po_registry.registry import get_task
+from po_registry.tasks import GuessNumber, guess_secret
 from po_registry.trainer import micro_batch_loss, rollout, sampled_token_logps, scored_rollout
 
 

@@ -56,6 +56,9 @@ TRAIN_CASES = {
     "flag-seed-negative": ({}, ["--seed", "-3"], "expected an integer in [0, 2**32), got '-3'"),
     "flag-eval-size-zero": ({}, ["--eval-size", "0"], "expected a positive integer, got '0'"),
     "option-unknown": ({}, ["--option", "nope=1"], "unknown option 'nope'"),
+    "dense-rewards-with-a-per-sequence-estimator": (
+        {}, ["--method", "process-reward,rloo", "--option", "process_reward_function=po_registry.oracle:a_steps"],
+        "dense token rewards of plugin 'process-reward' (from method 'process-reward') would be dropped"),
     "dataset-empty": ({"d.jsonl": ""}, ["--dataset", "{tmp}/d.jsonl"], "d.jsonl: the file is empty"),
     "dataset-chat-messages": ({"d.jsonl": '{"prompt": [{"role": "user", "content": "1+1"}], "answer": "2"}\n' * 12},
                               ["--dataset", "{tmp}/d.jsonl"], "its prompts are chat messages; they need a --model whose "

@@ -101,6 +101,10 @@ def test_plugins_methods_explain_tasks(capsys):
     assert code == 0 and "po_policy_objective (single owner): clip-objective" in out and "valid" in out
     code, out, _ = run_cli(capsys, "explain", "grpo", "nope")
     assert code == 2 and "composition: INVALID: unknown method 'nope'" in out
+    code, listed, _ = run_cli(capsys, "explain", "rloo,kl-cov", "--option", "kl_cov_coef=0.5")
+    code2, spaced, _ = run_cli(capsys, "explain", "rloo", "kl-cov", "--option", "kl_cov_coef=0.5")
+    assert code == code2 == 0 and listed == spaced  # the comma list train's --method takes, or separate names
+    assert "kl_cov_coef = 0.5 (user)" in listed and "kl_cov_fraction = 0.002 (default)" in listed
     code, out, _ = run_cli(capsys, "tasks")
     assert code == 0 and all(name in out for name in ("addition", "reverse", "count"))
 
@@ -138,7 +142,7 @@ def test_main_job_raises_accuracy_and_writes_a_loadable_run(capsys, tmp_path):
 
 
 def test_train_on_a_dataset_file_full_fine_tuning(capsys, tmp_path):
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
 
     rows = get_task("count").problems(60, seed=5)
     path = tmp_path / "count.jsonl"
@@ -213,6 +217,6 @@ def test_plugins_add_tasks_and_options_reach_them_from_flags_and_yaml(capsys, tm
 
 def _embedded_addition_model() -> str:
     from po_registry.embedded import embedded_model_dir
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
 
     return str(embedded_model_dir(get_task("addition")))

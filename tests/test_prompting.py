@@ -10,7 +10,7 @@ import pytest
 
 from po_registry.errors import OptionError
 from po_registry.prompting import PromptedTask, answers_match, extract_answer, prompted, resolve_style
-from po_registry.tasks import get_task
+from po_registry.registry import get_task
 from test_cli import run_cli
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -214,3 +214,40 @@ def test_plugin_for_an_unsupported_hookspec_version_is_listed_and_refused_only_w
     assemble(["grpo"])  # not needed: no error
     with pytest.raises(PluginLoadError, match="needs plugin 'future', which has load faults: written for hook"):
         assemble(["future"])
+
+
+class _TriesFirst:
+    @hookimpl
+    def po_register_methods(self, register):
+        register("eager", components=["eager"])
+
+    @hookimpl(tryfirst=True)
+    def po_compute_advantages(self, rewards, batch):
+        return rewards.sum(1)
+
+
+def test_a_hook_option_the_pipeline_does_not_honour_is_refused_at_registration(plugins):
+    """Stages run in composition order: tryfirst would be ignored, so the plugin is refused and listed."""
+    from po_registry import get_registry
+
+    plugins("eager", _TriesFirst())
+    row = next(r for r in get_registry().describe() if r["name"] == "eager")
+    assert row["error"] == ("po_compute_advantages is marked tryfirst, which po-registry does not honour (stages run "
+                            "in composition order; no implementation wraps another)")
+    with pytest.raises(UnknownMethodError, match="unknown method 'eager'"):
+        assemble(["eager"])
+    assemble(["grpo"])  # the rest keeps working
+
+
+class _MisDeclared(_Advantage):
+    po_reads = ("token_reward",)
+    po_importance_level = "row"
+
+
+def test_component_attributes_are_checked_at_load(plugins):
+    from po_registry import get_registry
+
+    plugins("misdeclared", _MisDeclared("misdeclared"))
+    row = next(r for r in get_registry().describe() if r["name"] == "misdeclared")
+    assert row["faults"] == ["po_importance_level must be 'token' or 'sequence', got 'row'",
+                             "po_reads names unknown fields ['token_reward']; known: ['token_rewards']"]

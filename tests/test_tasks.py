@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from po_registry.errors import OptionError
-from po_registry.tasks import Task, get_task, is_held_out
+from po_registry.registry import get_task
+from po_registry.tasks import Task, is_held_out
 
 
 @pytest.mark.parametrize("name", ["addition", "reverse", "count", "guess"])
@@ -27,7 +28,7 @@ def test_held_out_prompts_never_appear_in_training(name):
 def test_the_split_is_the_same_in_every_process():
     """A prompt's side depends on its text alone, not on Python's per-process string hashing: ranks of one run and
     the run and its later evaluation agree."""
-    code = "from po_registry.tasks import get_task; print(get_task('addition').eval_problems(64))"
+    code = "from po_registry.registry import get_task; print(get_task('addition').eval_problems(64))"
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert outputs == {f"{get_task('addition').eval_problems(64)}\n"}

@@ -24,6 +24,8 @@ class GroupAdvantage:
     """Group-relative advantages: A_i = (R_i - mean_G(R)) / (std(R) + 1e-4), by ``scale_rewards`` and
     ``multi_objective_aggregation``; dense token rewards, when a plugin supplies them, are added per token."""
 
+    po_reads = ("token_rewards",)
+
     @hookimpl
     def po_check_config(self, args):
         if args.scale_rewards not in ("group", "batch", "none"):

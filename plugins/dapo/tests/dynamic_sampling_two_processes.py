@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from po_registry.config import PolicyOptimizationConfig  # noqa: E402
-from po_registry.tasks import get_task  # noqa: E402
+from po_registry.registry import get_task  # noqa: E402
 from po_registry.testing import char_tokenizer, tiny_causal_lm  # noqa: E402
 from po_registry.trainer import PolicyOptimizationTrainer  # noqa: E402
 

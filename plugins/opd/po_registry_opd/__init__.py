@@ -216,6 +216,8 @@ def load_teacher(path: str, student, processing_class):
 class PureOPD:
     """Component ``opd``: pure on-policy distillation, the teacher's log-ratio as the only reward."""
 
+    po_reads = ("token_rewards",)
+
     po_explain = {
         "po_token_rewards": "teacher log-ratio r_t = log pi_T - log pi_old as a dense reward (sampled divergence)",
         "po_compute_advantages": "A_t = r_t (return-to-go with opd_gamma); the reward functions are not used",

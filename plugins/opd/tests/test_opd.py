@@ -317,7 +317,7 @@ def test_full_reverse_kl_equals_trl_distillation_trainer(po_tiny_model_dir, po_t
     from trl import DistillationConfig, DistillationTrainer
 
     from po_registry.config import PolicyOptimizationConfig
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
     from po_registry.trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout
 
     dataset = get_task("addition").dataset(32)
@@ -346,8 +346,9 @@ def test_full_reverse_kl_equals_trl_distillation_trainer(po_tiny_model_dir, po_t
 def test_weak_student_learns_from_a_stronger_teacher(po_trainer):
     """The teacher is the warm start trained further (>= 60% held-out greedy accuracy), the student the weak warm
     start (~30%): pure OPD on the student's own samples raises its accuracy."""
-    from po_registry.embedded import embedded_model_dir, greedy_accuracy
-    from po_registry.tasks import get_task
+    from po_registry.embedded import embedded_model_dir
+    from po_registry.tasks import greedy_accuracy
+    from po_registry.registry import get_task
 
     task = get_task("addition")
     teacher = embedded_model_dir(task, target_accuracy=0.6)

@@ -93,6 +93,8 @@ class _CriticSteps(TrainerCallback):
 class Critic:
     """Component ``ppo-critic``: the value model, GAE advantages and the clipped value loss."""
 
+    po_reads = ("token_rewards",)  # dense rewards join the outcome reward in the GAE
+
     def __init__(self):
         self.model = None
 

@@ -14,6 +14,7 @@ PAPER = "arXiv 2501.03262"
 
 
 class ReinforcePP:
+    po_reads = ("token_rewards",)  # dense rewards join the return-to-go
     name = "reinforce-pp"
     summary = "REINFORCE++: return-to-go of the outcome reward minus per-token KL, normalised over the whole batch"
     baseline = False

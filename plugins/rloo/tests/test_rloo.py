@@ -43,7 +43,7 @@ def test_advantages_equal_trl_rloo_trainer(po_tokenizer, po_tiny_model_dir, tmp_
     from trl import RLOOConfig, RLOOTrainer
 
     from po_registry.config import PolicyOptimizationConfig
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
     from po_registry.testing import partial_credit as partial
     from po_registry.trainer import PolicyOptimizationTrainer, rollout
 

@@ -102,7 +102,7 @@ def test_equals_trl_vllm_importance_sampling(po_tokenizer, po_tiny_model_dir, tm
     from trl import GRPOConfig, GRPOTrainer
 
     from po_registry.config import PolicyOptimizationConfig
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
     from po_registry.trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout
 
     dataset = get_task("addition").dataset(64)
@@ -138,7 +138,7 @@ def test_equals_trl_vllm_importance_sampling(po_tokenizer, po_tiny_model_dir, tm
 
 def test_trains_from_a_rollout_function_with_sampler_log_probs(po_tokenizer, po_tiny_model_dir, tmp_path):
     from po_registry.config import PolicyOptimizationConfig
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
     from po_registry.trainer import PolicyOptimizationTrainer
 
     config = PolicyOptimizationConfig(

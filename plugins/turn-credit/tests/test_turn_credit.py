@@ -115,7 +115,7 @@ class TestTurnReturnConformance(_Synthetic, PluginConformance):
 
 @pytest.mark.parametrize("method", ["turn-advantage", "gigpo", "turn-return"])
 def test_trains_on_the_multi_turn_environment(po_trainer, method):
-    from po_registry.tasks import get_task
+    from po_registry.registry import get_task
 
     task = get_task("guess")
     trainer = po_trainer([method], rollout_func=task.rollout_function(), reward_funcs=[task.reward_function()],
