@@ -85,15 +85,6 @@ def hook_reference(registry: Registry | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-# Settings the oracle runs a method with when its defaults do not assemble: (options, GRPOConfig fields).
-ORACLE_SETTINGS = {
-    "kl": ({}, {"beta": 0.04}),
-    "kl-reward": ({}, {"beta": 0.04}),
-    "process-reward": ({"process_reward_function": "po_registry.oracle:a_steps"}, {}),
-}
-ORACLE_BUDGET = {"batches": 16, "rows": 256}  # per method and set-up: about 0.1 s; the conformance suite runs more
-
-
 _ORACLE_CACHE: dict[tuple, dict[str, list[dict]]] = {}
 
 
@@ -102,7 +93,7 @@ def oracle_results(registry: Registry | None = None) -> dict[str, list[dict]]:
     (with the ``settings`` it ran with); computed once per registry."""
     import warnings
 
-    from .oracle import check_all
+    from .oracle import ORACLE_BUDGET, ORACLE_SETTINGS, check_all
 
     registry = registry or get_registry()
     key = (id(registry), tuple(sorted(registry.methods)))
@@ -158,7 +149,7 @@ def _number(value: float) -> str:
 
 def oracle_markdown(rows: list[dict]) -> list[str]:
     """The oracle's table: claimed objective, declared bias, and per set-up the error against the tolerance."""
-    from .oracle import SETUPS
+    from .oracle import ORACLE_BUDGET, ORACLE_SETTINGS, SETUPS
 
     lines = [
         "## Gradient oracle",

@@ -238,7 +238,7 @@ class Registry:
                 self._fault(other, f"method {name!r} is also registered by plugin {plugin!r}")
                 return
             if objective is not None:
-                from .oracle import Objective
+                from .objectives import Objective
 
                 if not (isinstance(objective, Objective) or callable(objective)):
                     self._fault(plugin, f"method {name!r}: objective must be a po_registry.oracle.Objective or a "

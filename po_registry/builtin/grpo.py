@@ -252,7 +252,7 @@ class BaselineMethod:
 
     @hookimpl
     def po_register_methods(self, register):
-        from ..oracle import Objective
+        from ..objectives import Objective
 
         register(
             "grpo",
