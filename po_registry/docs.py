@@ -149,7 +149,7 @@ def _number(value: float) -> str:
 
 def oracle_markdown(rows: list[dict]) -> list[str]:
     """The oracle's table: claimed objective, declared bias, and per set-up the error against the tolerance."""
-    from .oracle import ORACLE_BUDGET, ORACLE_SETTINGS, SETUPS
+    from .oracle import ALL_SETUPS as SETUPS, ORACLE_BUDGET, ORACLE_SETTINGS
 
     lines = [
         "## Gradient oracle",
@@ -158,10 +158,11 @@ def oracle_markdown(rows: list[dict]) -> list[str]:
         "parameters): the mean gradient of each method's loss through its own pipeline, over sampled batches "
         f"({ORACLE_BUDGET['batches']} x {ORACLE_BUDGET['rows']} completions per set-up here), against the exact "
         "expectation that its declared objective and biases imply. *cosine*: of the measured gradient with the "
-        "claimed objective's gradient (standard set-up); *bias*: relative size of the declared expectation's part "
-        "that the objective does not explain; per set-up, the relative error and the tolerance sampling noise "
-        "allows. Set-ups: standard; environment (an environment token inside every longer completion, and empty "
-        "episodes); equal rewards (environment completions all rewarded alike). "
+        "claimed objective's gradient (on the first set-up a method runs on); *bias*: relative size of the declared "
+        "expectation's part that the objective does not explain; per set-up, the relative error and the tolerance "
+        "sampling noise allows. Set-ups: standard; environment (an environment token inside every longer "
+        "completion, and empty episodes); equal rewards (environment completions all rewarded alike); turns (the "
+        "environment's completions as two-turn episodes with a reward per turn, for the multi-turn methods only). "
         + "Methods that need settings run with " + "; ".join(
             f"`{name}`: " + ", ".join(f"{key}={value}" for key, value in {**options, **config}.items())
             for name, (options, config) in ORACLE_SETTINGS.items()) + ".",
@@ -171,7 +172,7 @@ def oracle_markdown(rows: list[dict]) -> list[str]:
     ]
     for row in rows:
         results = {result["setup"]: result for result in row.get("oracle", [])}
-        first = results.get(SETUPS[0])
+        first = next((results[setup] for setup in SETUPS if setup in results), None)
         if first is None:
             continue
         objective = _cell(first["objective"])

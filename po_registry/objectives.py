@@ -96,7 +96,9 @@ class Objective:
     Running it: ``needs`` maps a model the oracle provides to the function that installs it (called with the model,
     then with None): ``value_model`` (the exact value function E[R | prefix] as a token-value model) and ``teacher``
     (the teacher's logit table as a causal LM); ``rewards="non_negative"``: the method is defined for rewards >= 0
-    (checked with them, and it must refuse rewards of both signs with an error); ``not_applicable`` says why the
+    (checked with them, and it must refuse rewards of both signs with an error); ``setups`` the oracle set-ups the
+    method runs on (None: the three single-turn ones; ``("turns",)`` for a method that needs multi-turn episodes,
+    whose rows carry per-token turn fields); ``not_applicable`` says why the
     oracle cannot check the method; ``unmodelled`` names a bias the oracle reports without checking."""
 
     reward: float | None = None
@@ -115,6 +117,7 @@ class Objective:
     drop_equal_groups: bool | None = None
     needs: Mapping[str, Callable] = field(default_factory=dict)
     rewards: str | None = None
+    setups: tuple[str, ...] | None = None
     not_applicable: str = ""
     unmodelled: str = ""
 
@@ -127,6 +130,10 @@ class Objective:
             raise ValueError(f"scale {self.scale!r}: expected 'exact' or 'free'")
         if self.rewards not in (None, "any", "non_negative"):
             raise ValueError(f"rewards {self.rewards!r}: expected 'any' or 'non_negative'")
+        if self.setups is not None and (isinstance(self.setups, str) or not set(self.setups) <= {
+                "standard", "environment", "equal-rewards", "turns"}):
+            raise ValueError(f"setups {self.setups!r}: expected a tuple of 'standard', 'environment', "
+                             "'equal-rewards', 'turns'")
         unknown = set(self.needs) - {"value_model", "teacher"}
         if unknown:
             raise ValueError(f"needs {sorted(unknown)}: the oracle provides 'value_model' and 'teacher'")

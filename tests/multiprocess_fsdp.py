@@ -1,6 +1,7 @@
 """Run on 2 CPU processes with an FSDP request (``accelerate launch --config_file examples/accelerate/fsdp2.yaml``):
 accelerate 1.16 cannot shard on CPU processes, so the trainer must refuse the run with one clear error rather than
-train plain data-parallel. Prints the error's first line, or ``trained`` if a sharded step ran."""
+train plain data-parallel. Each rank writes its outcome (the error, or ``trained`` if a step ran) to
+``OUT/rank-N.txt``: the ranks share one stdout, where their lines can run together."""
 
 import os
 import sys
@@ -28,6 +29,6 @@ try:
     outcome = f"trained (fsdp enabled: {trainer.is_fsdp_enabled})"
 except OptionError as error:
     outcome = f"refused: {error}"
-print(f"rank {rank}: {outcome}", flush=True)
-sys.stdout.flush()
+with open(os.path.join(out, f"rank-{rank}.txt"), "w") as file:
+    file.write(outcome)
 os._exit(0)  # gloo's threads can abort the interpreter's teardown after the work is done

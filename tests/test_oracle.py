@@ -260,3 +260,114 @@ def test_methods_command_runs_the_oracle_on_request(capsys):
     grpo = next(row for row in json.loads(out) if row["method"] == "grpo")
     assert code == 0 and "running the gradient oracle" in err
     assert grpo["oracle"] and all(result["passed"] for result in grpo["oracle"])
+
+
+# -- the turns set-up: multi-turn episodes ----------------------------------------------------------------------
+
+
+def test_the_turns_world_carries_a_rollouts_turn_fields():
+    """Token 0 is turn 0, token 1 the environment's reply (turn -1, no reward, no state), token 2 turn 1; each turn's
+    reward sits on its token, the episode's reward is their sum, and each turn's state is the prefix it began from
+    (turn 0 shared by every episode of the prompt, turn 1 by the episodes with the same first token and reply)."""
+    from po_registry.oracle import TURNS, turn_rewards
+
+    world = World("turns")
+    assert len(world.sequences) == 14 and torch.isclose(world.p.sum(), torch.tensor(1.0))
+    states = {}
+    for s, tokens in enumerate(world.sequences):
+        row = world.rows[s]
+        assert len(row["turn_index"]) == len(row["turn_reward"]) == len(row["turn_state"]) == len(tokens)
+        assert row["turn_index"] == [0, -1, 1][: len(tokens)]
+        assert row["turn_reward"] == [0.0 if k < 0 else turn_rewards(tokens)[k] for k in row["turn_index"]]
+        assert math.isclose(sum(row["turn_reward"]), float(world.rewards[s, 0])) and math.isnan(world.rewards[s, 1])
+        assert row["turn_state"][1:2] in ([], [-1])
+        for t, state in enumerate(row["turn_state"]):
+            if t != 1:
+                assert states.setdefault(tokens[:t], state) == state
+    assert len(set(states.values())) == len(states) == 1 + 4  # the prompt, and the four (turn 0, reply) prefixes
+    assert world.turn_exists.sum(1).tolist() == [TURNS] * 12 + [1, 0]
+    assert all(row == {} for row in World("environment").rows)
+
+
+class RewardToGo(Reinforce):
+    """Token t of turn k credited with the rewards of turns k, k+1, ...: reward-to-go REINFORCE over turns, read
+    from the rows' turn fields. Causality makes its expected gradient E[R]'s, the declaration of plain REINFORCE."""
+
+    objective = Objective(advantage="none", aggregation="sequences", setups=("turns",))
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        turn_reward = batch.token_field("turn_reward") * batch.completion_mask
+        return turn_reward.flip(-1).cumsum(-1).flip(-1) * batch.completion_mask
+
+
+class MyopicTurns(RewardToGo):
+    """Each turn credited with its own turn's reward only: blind to the delayed reward of turn 0's choice."""
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        index = batch.token_field("turn_index", fill=-1, dtype=torch.long)
+        turn_reward = batch.token_field("turn_reward") * batch.completion_mask
+        per_turn = torch.zeros(index.shape[0], 2).scatter_add_(1, index.clamp(min=0), turn_reward * (index >= 0))
+        return per_turn.gather(1, index.clamp(min=0)) * (index >= 0) * batch.completion_mask
+
+
+class FirstTurnOnly(RewardToGo):
+    """Every token credited with turn 0's reward: turn 1's reward ignored."""
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        return batch.token_field("turn_reward")[:, :1] * batch.completion_mask
+
+
+def _reward_to_go(world, groups, options):
+    """Independent of the plugins: token t of turn k gets sum_{k' >= k} r_k', by a loop over each episode's turns."""
+    credit = torch.zeros(world.turn_reward.shape[0], 3)
+    for s, tokens in enumerate(world.sequences):
+        for t in range(len(tokens)):
+            k = int(world.turn_index[s, t])
+            if k >= 0:
+                credit[s, t] = float(world.turn_reward[s, k:].sum())
+    return credit[groups]
+
+
+def test_the_turns_set_up_passes_reward_to_go_and_catches_myopic_credit(plugins):
+    from po_registry.oracle import Rule, check_all
+
+    right = _register(plugins, RewardToGo, "reward-to-go")
+    result = check_method(right, setup="turns")
+    assert result.passed and result.cosine > 0.99 and result.bias < 1e-4, result.describe()
+    assert [r.setup for r in check_all([right])] == ["turns"]  # it declares the turns set-up only
+    assert check_method(right, setup="standard").passed is None
+    assert [r.setup for r in check_all(["grpo"])] == ["standard", "environment", "equal-rewards"]
+    for wrong in (_register(plugins, MyopicTurns, "myopic-turns"), _register(plugins, FirstTurnOnly, "first-turn")):
+        caught = check_method(wrong, setup="turns")
+        assert caught.passed is False and caught.error > 5 * caught.tolerance, caught.describe()
+    # Declared per token, the same estimator also passes its values' check, and the plain declaration's expectation
+    # equals the reward-to-go's (past turns' rewards have zero expected gradient at later tokens).
+    world = World("turns")
+    rule = Rule("turn reward-to-go", _reward_to_go)
+    per_token = Objective(advantage="zero", aggregation="sequences", group_dense=(rule,), scale="exact")
+    plain = Objective(advantage="none", aggregation="sequences", scale="exact")
+    assert torch.allclose(declared_gradient(world, per_token, {})[0], declared_gradient(world, plain, {})[0],
+                          atol=1e-6)
+    registry = get_registry()
+    registry.methods[right] = dataclasses.replace(registry.methods[right], objective=dataclasses.replace(
+        per_token, scale=None, setups=("turns",)))
+    assert check_method(right, setup="turns").passed, check_method(right, setup="turns").describe()
+
+
+def test_per_token_advantages_are_checked_against_the_declared_credit(plugins):
+    """R on every token has reward-to-go's expected gradient, so only the advantage values can tell them apart."""
+    from po_registry.oracle import Rule
+
+    class Outcome(RewardToGo):
+        objective = Objective(advantage="zero", aggregation="sequences", setups=("turns",),
+                              group_dense=(Rule("turn reward-to-go", _reward_to_go),))
+
+        @hookimpl
+        def po_compute_advantages(self, rewards, batch):
+            return batch.weighted_reward(rewards).nan_to_num(0.0).unsqueeze(1) * batch.completion_mask
+
+    caught = check_method(_register(plugins, Outcome, "outcome-everywhere"), setup="turns")
+    assert caught.passed is False and "differ from the declared" in caught.note and caught.error < caught.tolerance

@@ -10,14 +10,15 @@ token of turn k gets its turn's advantage; environment tokens get none (they are
 - ``gigpo`` (GiGPO, arXiv 2505.10978): A_{i,t} = A^episode_i + omega A^step_{i,k(t)}; steps of a group that start from
   the same environment state form an anchor group, and A^step normalises the discounted return from the step,
   G_{i,k} = sum_{k' >= k} gamma^(k' - k) r_{i,k'}, within it (0 for an anchor state seen once).
-- ``turn-return``: A_{i,t} = (G_{i,k(t)} - mean_group G_{.,0}) / (std_group G_{.,0} + eps): each turn is credited with
-  the discounted rewards from that turn on, against the group's episode returns.
+- ``turn-return``: A_{i,t} = (G_{i,k(t)} - mean_j G_{j,k}) / (std_j G_{j,k} + eps) over the group's episodes j that
+  play a turn k (0 with fewer than two): each turn is credited with the discounted rewards from that turn on,
+  against the same turn's returns in the group's other episodes.
 """
 
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import group_mean, group_normalize, group_std, returns_to_go, tokens_from_turns, turns_from_tokens
+from po_registry.ops import group_normalize, returns_to_go, tokens_from_turns, turns_from_tokens
 
 MT_GRPO = "arXiv 2505.11821"
 GIGPO = "arXiv 2505.10978"
@@ -58,12 +59,15 @@ def outcome_advantage(rewards, batch) -> torch.Tensor:
 class TurnAdvantage:
     @hookimpl
     def po_register_methods(self, register):
-        from po_registry.oracle import Objective
+        from po_registry.oracle import Objective, mt_grpo_turn_credit
 
         register("turn-advantage", components=["turn-advantage"], side="reward", paper=MT_GRPO,
                  summary="MT-GRPO: outcome advantage plus a turn-level advantage from per-turn rewards",
                  targets="delayed feedback: every turn of an episode gets the same credit under outcome rewards",
-                 objective=Objective(not_applicable="needs multi-turn episodes (per-token turns, turn rewards, states)"))
+                 # J = E[sum_k r_k] (the outcome is the sum of the turn rewards); the outcome z-score on every token,
+                 # plus lambda times the intermediate turns' rewards z-scored again: std scaling and a biased turn term.
+                 objective=Objective(reward=1.0, advantage="zscore", group_dense=(mt_grpo_turn_credit(),),
+                                     setups=("turns",)))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -84,12 +88,15 @@ class TurnAdvantage:
 class GiGPO:
     @hookimpl
     def po_register_methods(self, register):
-        from po_registry.oracle import Objective
+        from po_registry.oracle import Objective, gigpo_step_credit
 
         register("gigpo", components=["gigpo"], side="reward", paper=GIGPO,
                  summary="GiGPO: episode advantage plus step advantages over anchor states shared within a group",
                  targets="coarse credit in long episodes, without a critic or extra rollouts",
-                 objective=Objective(not_applicable="needs multi-turn episodes (per-token turns, turn rewards, states)"))
+                 # The episode z-score on every token, plus omega times each step's discounted return z-scored
+                 # within its anchor state: std scaling and the step term's bias from E[sum_k r_k].
+                 objective=Objective(reward=1.0, advantage="zscore", group_dense=(gigpo_step_credit(),),
+                                     setups=("turns",)))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -138,12 +145,15 @@ def anchor_normalize(returns: torch.Tensor, states: torch.Tensor, exists: torch.
 class TurnReturn:
     @hookimpl
     def po_register_methods(self, register):
-        from po_registry.oracle import Objective
+        from po_registry.oracle import Objective, turn_return_credit
 
         register("turn-return", components=["turn-return"], side="reward", paper=MT_GRPO,
                  summary="discounted return over turns: each turn credited with the rewards from that turn on",
                  targets="delayed feedback: early turns credited with rewards they could not influence",
-                 objective=Objective(not_applicable="needs multi-turn episodes (per-token turns, turn rewards, states)"))
+                 # Reward-to-go over turns with the group's same-turn returns as baseline: std scaling, and with
+                 # gamma < 1 the later turns' rewards discounted in the earlier turns' credit.
+                 objective=Objective(reward=1.0, advantage="zero", group_dense=(turn_return_credit(),),
+                                     setups=("turns",)))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -153,8 +163,6 @@ class TurnReturn:
     def po_compute_advantages(self, rewards, batch):
         turns = Turns(batch)
         returns = turns.returns(batch.options["turn_return_gamma"])
-        episode = returns[:, 0]
-        mean = group_mean(episode, batch.group_size).unsqueeze(1)
-        std = group_std(episode, batch.group_size).unsqueeze(1)
-        advantages = (returns - mean) / (std + 1e-4) * turns.exists
-        return turns.per_token(advantages)
+        # Each turn's return against the same turn's in the group: a group of equal episode returns whose later
+        # turns' returns differ (gamma < 1, rewards before the last turn) gets bounded credit, not a division by eps.
+        return turns.per_token(group_normalize(returns, batch.group_size, present=turns.exists))

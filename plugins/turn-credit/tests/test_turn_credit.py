@@ -58,12 +58,16 @@ def test_turn_advantage_by_hand(po_reward_batch):
 
 
 def test_turn_return_by_hand(po_reward_batch):
+    """Each turn's discounted return z-scored against the same turn's returns in the group."""
     rewards, batch = _episodes(po_reward_batch, TURN_INDEX, TURN_REWARD, options={"turn_return_gamma": 0.9})
     got = _component("turn-return").po_compute_advantages(rewards, batch)
     returns = [[0.5 + 0.9 * 1.0, 1.0], [0.2 + 0.9 * -0.1 + 0.81 * 0.3, -0.1 + 0.9 * 0.3, 0.3]]
-    mean, std = statistics.mean([returns[0][0], returns[1][0]]), statistics.stdev([returns[0][0], returns[1][0]])
-    per_turn = [[(g - mean) / (std + 1e-4) for g in row] for row in returns]
+    turn0, turn1 = _normalised([returns[0][0], returns[1][0]]), _normalised([returns[0][1], returns[1][1]])
+    per_turn = [[turn0[0], turn1[0]], [turn0[1], turn1[1], 0.0]]  # turn 2: row 1's alone, no one to compare with
     assert torch.allclose(got, _expected_tokens(TURN_INDEX, per_turn), atol=1e-4)
+    # G_0 = 1.4 vs 0.353: +-0.5235 / (0.74034 + 1e-4); G_1 = 1.0 vs 0.17: +-0.415 / (0.58690 + 1e-4).
+    assert got[0].tolist() == pytest.approx([0.70701, 0.70701, 0.0, 0.70699, 0.0, 0.0], abs=1e-4)
+    assert got[1].tolist() == pytest.approx([-0.70701, 0.0, -0.70699, 0.0, 0.0, 0.0], abs=1e-4)
 
 
 def test_gigpo_by_hand(po_reward_batch):
@@ -124,3 +128,35 @@ def test_trains_on_the_multi_turn_environment(po_trainer, method):
     trainer.train()
     assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters()))
     assert all("env/turns_mean" in row for row in trainer.state.log_history if "loss" in row)
+
+
+# -- the gradient oracle's turns set-up (po_registry.oracle): two-turn episodes enumerated exactly -----------------
+
+
+@pytest.mark.parametrize("method", ["turn-advantage", "gigpo", "turn-return"])
+def test_the_oracle_passes_the_declared_turn_credit(method):
+    """On the oracle's turns set-up the per-token advantages equal the declared formula (computed there by
+    enumeration, independently of this plugin) and the mean gradient its expectation; they run there only."""
+    from po_registry.oracle import check_all, check_method
+
+    result = check_method(method, setup="turns")
+    assert result.passed and not result.note, result.describe()
+    assert "E[R]" in result.objective and "group std scaling" in result.declared_bias
+    assert check_method(method, setup="standard").passed is None
+    assert [r.setup for r in check_all([method], batches=2, rows=64)] == ["turns"]
+
+
+def test_turn_return_stays_bounded_in_a_group_of_equal_episode_returns(po_reward_batch):
+    """A group whose episode returns are all equal while its later turns' returns differ. Before, each turn's return
+    was z-scored against the episode returns, whose std is 0 here: turn-1 credit of (1.0 - 1.4) / 1e-4 = -4000 in the
+    first case (the oracle's finding: such groups made its gradient check inconclusive)."""
+    index = [[0, -1, 1]] * 2
+    rewards, batch = _episodes(po_reward_batch, index, [[0.5, 0.0, 1.0]] * 2, options={"turn_return_gamma": 0.9})
+    got = _component("turn-return").po_compute_advantages(rewards, batch)
+    assert got.abs().max() == 0.0, got  # identical episodes: no credit at all
+    # gamma = 1: both episodes return 1.5; turn 1 returns 1.0 and 0.5, which the second turn is credited for.
+    rewards, batch = _episodes(po_reward_batch, index, [[0.5, 0.0, 1.0], [1.0, 0.0, 0.5]],
+                               options={"turn_return_gamma": 1.0})
+    got = _component("turn-return").po_compute_advantages(rewards, batch)
+    z = 0.25 / (0.5 / math.sqrt(2) + 1e-4)
+    assert torch.allclose(got, torch.tensor([[0.0, 0.0, z], [0.0, 0.0, -z]]), atol=1e-5), got
