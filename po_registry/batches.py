@@ -68,6 +68,13 @@ class RewardBatch:
         return self.num_rows // self.group_size
 
     @property
+    def local_mask(self) -> torch.Tensor:
+        """(B, T) float loss mask of this process's rows (``local``): the completion mask times the tool mask, 0 on
+        environment tokens inside a multi-turn completion and on padding."""
+        mask = self.local["completion_mask"].float()
+        return mask * self.local["tool_mask"] if "tool_mask" in self.local else mask
+
+    @property
     def local_rows(self) -> slice:
         """This process's rows of the global batch (``local`` holds them)."""
         count = self.num_rows // self.num_processes

@@ -70,10 +70,26 @@ def default_args(methods=("grpo",), options=None, **fields):
                                     method_options=dict(options or {}), **fields)
 
 
+def _completion_and_tool_masks(lengths, width: int, hole_row: int):
+    """(completion mask, tool mask), (N, T) float: completions of ``lengths`` (right-padded); row ``hole_row``, when
+    there is one and ``width`` >= 3, spans the width with an environment token at position 1 (tool mask 0)."""
+    import torch
+
+    if len(lengths) > hole_row and width >= 3:
+        lengths[hole_row] = width
+    completion = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    tool = torch.ones_like(completion)
+    if len(lengths) > hole_row and width >= 3:
+        tool[hole_row, 1] = 0.0
+    return completion, tool
+
+
 def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1, width: int = 6, seed: int = 0,
                  rewards=None, args=None, options=None):
     """(rewards (N, K), RewardBatch) of a synthetic global batch: random 0/1 rewards unless given, ragged
-    completion lengths (one of length 1), the last row truncated."""
+    completion lengths (one of length 1), the last row truncated, and row 2 (of full width, when the batch has
+    one and ``width`` >= 3) a multi-turn episode with an environment token at position 1: a hole in the loss mask
+    (``completion_mask``), inside the completion of ``local`` (its ``tool_mask`` is 0 there)."""
     import torch
 
     from .batches import RewardBatch
@@ -84,13 +100,15 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         rewards = torch.randint(0, 2, (n, num_rewards), generator=generator).float()
     lengths = torch.randint(1, width + 1, (n,), generator=generator)
     lengths[0], lengths[-1] = 1, width
-    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    completion, tool = _completion_and_tool_masks(lengths, width, hole_row=2)
+    mask = completion * tool
     truncated = torch.zeros(n, dtype=torch.bool)
     truncated[-1] = True
     args = args or default_args()
     policy_logps = -torch.rand(n, width, generator=generator) * 3
-    local = {"completion_ids": torch.randint(4, 20, (n, width), generator=generator) * mask.long(),
-             "completion_mask": mask.long(), "prompt_ids": torch.randint(4, 20, (n, 3), generator=generator),
+    local = {"completion_ids": torch.randint(4, 20, (n, width), generator=generator) * completion.long(),
+             "completion_mask": completion.long(), "tool_mask": tool.long(),
+             "prompt_ids": torch.randint(4, 20, (n, 3), generator=generator),
              "prompt_mask": torch.ones(n, 3, dtype=torch.long),
              "ref_per_token_logps": policy_logps + 0.1 * torch.randn(n, width, generator=generator)}
     greedy = torch.randint(0, 2, (num_groups,), generator=generator).float().repeat_interleave(group_size)
@@ -115,7 +133,9 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
 def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantages: bool = False,
                off_policy: float = 0.3, args=None, options=None):
     """A synthetic LossBatch: ``logps`` is a leaf tensor with ``requires_grad``; row 0 is fully masked, row 1
-    has one token; behaviour log-probs differ from the policy's by ``off_policy`` noise so ratios leave 1."""
+    has one token, row 2 (of full width, when ``rows`` > 2 and ``width`` >= 3) has an environment token at
+    position 1 (a hole in ``mask``; ``inputs`` carry its ``tool_mask``); behaviour log-probs differ from the
+    policy's by ``off_policy`` noise so ratios leave 1."""
     import torch
 
     from .batches import LossBatch
@@ -126,7 +146,8 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
     lengths[0] = 0
     if rows > 1:
         lengths[1] = 1
-    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    completion, tool = _completion_and_tool_masks(lengths, width, hole_row=2)
+    mask = completion * tool
     shape = (rows, width) if per_token_advantages else (rows, 1)
     advantages = torch.randn(shape, generator=generator)
     old = logps.detach() + off_policy * torch.randn(rows, width, generator=generator)
@@ -149,8 +170,8 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
         args=args,
         inputs={"prompt_ids": torch.randint(4, 20, (rows, 3), generator=generator),
                 "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
-                "completion_ids": torch.randint(4, 20, (rows, width), generator=generator) * mask.long(),
-                "completion_mask": mask.long()},
+                "completion_ids": torch.randint(4, 20, (rows, width), generator=generator) * completion.long(),
+                "completion_mask": completion.long(), "tool_mask": tool.long()},
         rewards=torch.randint(0, 2, (rows,), generator=generator).float(),
     )
 
@@ -270,6 +291,7 @@ class PluginConformance:
         token = pipeline.token_rewards(batch, like=batch.completion_mask)
         batch.token_rewards = token
         advantages = pipeline.compute_advantages(rewards, batch)
+        pipeline.select_samples(rewards, batch)  # run for its output checks (a bool per row), as the trainer does
         keep = pipeline.select_groups(rewards, batch)
         return advantages, keep, batch
 
@@ -344,10 +366,12 @@ class PluginConformance:
     def test_gradient_follows_its_declared_objective(self):
         """The first-principles oracle (:mod:`po_registry.oracle`): on a policy small enough to enumerate, the mean
         gradient of this pipeline's loss over sampled batches matches the exact expectation that the method's
-        declared objective and biases imply, on each set-up (holes in the mask, empty rows, equal rewards)."""
-        from .oracle import SETUPS, check_method
+        declared objective and biases imply, on each set-up it declares (holes in the mask, empty rows, equal
+        rewards; two-turn episodes for the multi-turn methods)."""
+        from .oracle import check_method, method_setups
 
-        results = [check_method(self.method, self.options, self.config, setup=setup) for setup in SETUPS]
+        setups = method_setups(self.method, self.options, self.config)  # the multi-turn methods: the turns set-up
+        results = [check_method(self.method, self.options, self.config, setup=setup) for setup in setups]
         failed = [result.describe() for result in results if result.passed is False]
         assert not failed, "the loss does not follow its declared objective:\n" + "\n".join(failed)
         if all(result.passed is None for result in results):

@@ -102,7 +102,7 @@ def teacher_signal(rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, opti
 
 def rollout_signal(batch) -> torch.Tensor:
     """(B, T) teacher signal on this process's rows of a generation batch, against the sampling policy."""
-    mask = batch.local["completion_mask"].float()
+    mask = batch.local_mask  # environment tokens were not sampled by the student: no signal there
     signal = teacher_signal(batch.local, batch.policy_logps(), mask, batch.options, batch.args)
     total, tokens = batch.gather(torch.stack([signal.sum(), mask.sum()]).reshape(1, 2)).sum(0)  # every process's
     batch.log_metric("opd/reverse_kl", -(total / tokens.clamp(min=1.0)).item())

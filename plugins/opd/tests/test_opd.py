@@ -109,9 +109,13 @@ def test_pure_opd_advantage_is_the_dense_teacher_reward(po_reward_batch, gamma):
     got = opd.po_compute_advantages(rewards, batch)
     signal = (_teacher_logps(batch.local) - batch.policy_logps()) * batch.completion_mask
     expected = signal.clone()
-    if gamma:
-        for t in range(signal.shape[1] - 2, -1, -1):
-            expected[:, t] = signal[:, t] + gamma * expected[:, t + 1]
+    if gamma:  # the return over each row's loss tokens: the environment token of row 2 is no discount step
+        for row, (values, mask) in enumerate(zip(signal.tolist(), batch.completion_mask.tolist())):
+            running = 0.0
+            for t in reversed(range(len(values))):
+                if mask[t]:
+                    running = values[t] + gamma * running
+                    expected[row, t] = running
     assert torch.allclose(got, expected * batch.completion_mask, atol=1e-5)
 
 
@@ -376,3 +380,19 @@ def test_reverse_kl_metric_is_the_mean_over_every_process(po_reward_batch, monke
     batch.log_metric = logged.__setitem__
     rollout_signal(batch)
     assert logged["opd/reverse_kl"] == pytest.approx(0.5)
+
+
+def test_teacher_signal_skips_environment_tokens(po_reward_batch, monkeypatch):
+    """An environment reply inside a completion (tool mask 0) was not sampled by the student: no teacher signal there
+    and no place in the logged mean. r = [[-0.5, (env), 1.0]] here, sum 0.5 over 2 loss tokens; the other process
+    -4.5 over 3: logged -(0.5 - 4.5) / 5 = 0.8 (before: the environment token's 8.0 counted too)."""
+    _, batch = po_reward_batch(group_size=1, num_groups=1, width=3, options=_options(), args=default_args())
+    batch.local["completion_mask"], batch.local["tool_mask"] = torch.ones(1, 3), torch.tensor([[1, 0, 1]])
+    batch.policy_logps = lambda: torch.tensor([[-1.0, -9.0, -2.0]])
+    _fixed_teacher(monkeypatch, torch.tensor([[-1.5, -1.0, -1.0]]))
+    batch.gather = lambda local: torch.cat([local, torch.tensor([[-4.5, 3.0]])])
+    logged = {}
+    batch.log_metric = logged.__setitem__
+    signal = rollout_signal(batch)
+    assert logged["opd/reverse_kl"] == pytest.approx(0.8)
+    assert torch.allclose(signal, torch.tensor([[-0.5, 0.0, 1.0]]))

@@ -1,5 +1,7 @@
 """Process rewards: step detection, per-group normalisation, dense returns, errors, conformance and training."""
 
+import statistics
+
 import pytest
 import torch
 from po_registry_process_reward import ProcessReward, normalise_per_group, step_ends
@@ -140,3 +142,33 @@ def test_steps_metric_counts_the_completions_of_every_process(po_reward_batch):
     batch.log_metric = logged.__setitem__
     ProcessReward().po_token_rewards(batch)
     assert logged["process_reward/steps_per_completion"] == pytest.approx(5 / 8)
+
+
+def digits_per_line(completions, completion_ids, **kwargs):
+    """One reward per step (a line, newline included, or the final piece): the digits in it."""
+    return [[float(sum(ch.isdigit() for ch in line)) for line in text.splitlines(keepends=True)]
+            for text in completions]
+
+
+def test_multi_turn_steps_read_the_transcript_and_land_on_their_own_tokens(po_reward_batch):
+    """A multi-turn completion "1\\n" (the policy), "h\\n" (the environment's reply: tool mask 0), "23" (the policy),
+    beside "45". The step function reads the whole transcript, the reply included (a judge needs it): steps end at
+    tokens 1 and 3 (newlines) and 5, rewarded 1, 0, 2 digits; row 1 has one step of 2. Positions map through the
+    completion mask, which the reply is inside of (only its tool mask is 0), so each step's reward sits on its own
+    last token. Group statistics over the four steps: mean 1.25, Bessel std 0.95743; dense_t sums the normalised
+    rewards of the steps ending at or after t. The reply's step reaches the action tokens before it through the
+    return; the reply's own tokens carry no loss (the trainer's loss mask)."""
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=6,
+                               options={"process_reward_function": "test_process_reward:digits_per_line"})
+    tokens = batch.processing_class.convert_tokens_to_ids
+    ids = torch.tensor([[tokens(c) for c in ["1", "\n", "h", "\n", "2", "3"]],
+                        [tokens("4"), tokens("5"), 0, 0, 0, 0]])
+    batch.local["completion_ids"] = ids
+    batch.local["completion_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    batch.local["tool_mask"] = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
+    dense = ProcessReward().po_token_rewards(batch)
+    mean, std = statistics.mean([1, 0, 2, 2]), statistics.stdev([1, 0, 2, 2])
+    a, b, c, d = ((r - mean) / (std + 1e-4) for r in (1, 0, 2, 2))
+    expected = torch.tensor([[a + b + c, a + b + c, b + c, b + c, c, c], [d, d, 0, 0, 0, 0]])
+    assert torch.allclose(dense, expected, atol=1e-5)
+    assert dense[0].tolist() == pytest.approx([-0.78327, -0.78327, -0.52218, -0.52218, 0.78327, 0.78327], abs=1e-4)

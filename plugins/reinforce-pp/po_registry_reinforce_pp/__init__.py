@@ -43,10 +43,10 @@ class ReinforcePP:
         if beta == 0.0:
             return None
         kl = batch.policy_logps() - batch.local["ref_per_token_logps"]  # k1, on the sampled tokens
-        mask = batch.local["completion_mask"].float()
+        mask = batch.local_mask  # the policy's tokens: environment tokens inside a completion are not its samples
         total, tokens = batch.gather(torch.stack([masked_sum(kl, mask), mask.sum()]).reshape(1, 2)).sum(0)
         batch.log_metric(f"{self.name}/kl", (total / tokens.clamp(min=1.0)).item())  # over every process's tokens
-        return -beta * kl * batch.local["completion_mask"]
+        return -beta * kl * mask
 
     @hookimpl
     def po_compute_advantages(self, rewards, batch):

@@ -88,3 +88,21 @@ def test_kl_metric_is_the_mean_over_every_process(po_reward_batch):
     batch.log_metric = logged.__setitem__
     ReinforcePP().po_token_rewards(batch)
     assert logged["reinforce-pp/kl"] == pytest.approx(4.5 / 7)
+
+
+def test_kl_reward_and_metric_skip_environment_tokens(po_reward_batch):
+    """Row 1's middle token is an environment reply (tool mask 0): not the policy's sample, so no KL reward there and
+    no place in the logged mean. k1 = [[0.5, 0, -1], [0, (1: environment), 0]]: this process's sum -0.5 over 5 loss
+    tokens, the other process's 3.0 over 2: logged 2.5 / 7 (before: 0.5 / 6 here, 3.5 / 8 logged, and a reward of
+    -0.5 on the environment token)."""
+    _, batch = po_reward_batch(group_size=2, num_groups=1, width=3, args=default_args(beta=0.5))
+    batch.local["completion_mask"] = torch.ones(2, 3, dtype=torch.long)
+    batch.local["tool_mask"] = torch.tensor([[1, 1, 1], [1, 0, 1]])
+    batch.local["ref_per_token_logps"] = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, -1.0]])
+    batch.policy_logps = lambda: torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    batch.gather = lambda local: torch.cat([local, torch.tensor([[3.0, 2.0]])])
+    logged = {}
+    batch.log_metric = logged.__setitem__
+    dense = ReinforcePP().po_token_rewards(batch)
+    assert logged["reinforce-pp/kl"] == pytest.approx(2.5 / 7)
+    assert torch.allclose(dense, torch.tensor([[-0.25, 0.0, 0.5], [0.0, 0.0, 0.0]]))
