@@ -30,9 +30,11 @@ class RewardBatch:
     options: Mapping[str, Any]
     args: Any  # the trainer's PolicyOptimizationConfig (TRL's GRPOConfig fields)
     step: int = 0
+    max_steps: int = 0  # the run's optimizer steps (0: not known, as before training starts)
     training: bool = True
     process_index: int = 0
     num_processes: int = 1
+    auxiliary: Mapping[str, Any] = field(default_factory=dict)  # the run's auxiliary models (RunContext)
     completion_mask: torch.Tensor | None = None  # (N, T) float loss mask; set for the advantage stage
     token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins, or None
     local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (token_rewards stage)
@@ -135,7 +137,9 @@ class LossBatch:
     rewards: torch.Tensor | None = None  # (B,) weighted, shaped reward of each row (NaN: unscored)
     process_index: int = 0  # this process's place in the order of ``gather`` and ``gather_ragged``
     step: int = 0
+    max_steps: int = 0  # the run's optimizer steps (0: not known)
     training: bool = True
+    auxiliary: Mapping[str, Any] = field(default_factory=dict)  # the run's auxiliary models (RunContext)
     log_metric: Callable[[str, float], None] = _ignore_metric
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over processes
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # concatenate over processes

@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model with the chosen methods (default: the embedded job)",
                                 description="Train with LoRA (default) or full fine-tuning. With no arguments: "
                                 "the embedded ~1M-parameter model on 2-digit addition, GRPO, LoRA r16.")
-    train.add_argument("--method", action="append", metavar="NAME[,NAME]",
-                       help="method(s) to compose; repeat or comma-separate (default: grpo)")
+    train.add_argument("--method", action="append", metavar="NAME[:SELECTOR][,NAME]",
+                       help="method(s) to compose; repeat or comma-separate (default: grpo); a selector takes part "
+                       "of a method: a side or a stage, '-' to remove it, joined with '+' (dr-grpo:reward, "
+                       "dapo:-aggregation)")
     train.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a named model: "
                        "smollm2 (its recipe sets the task, prompt style, steps and batch; see docs/prompts.md) "
                        "(default: embedded)")
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Which plugin owns each stage, the options and whether the "
                                   "composition is valid.")
     explain.add_argument("methods", nargs="+", metavar="METHOD[,METHOD]",
-                         help="methods to compose, as train's --method takes them (names or comma lists)")
+                         help="methods to compose, as train's --method takes them (names or comma lists, with "
+                         "selectors: dr-grpo:reward,gspo)")
     explain.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE")
 
     tasks = commands.add_parser("tasks", help="the embedded tasks", description="List the embedded tasks.")

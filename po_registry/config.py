@@ -112,7 +112,7 @@ class PolicyOptimizationConfig(GRPOConfig):
         """The assembly this config was checked with (its option sources intact), or None when the methods or
         options changed since; copies and pickles (checkpoints) do not carry it."""
         assembly = getattr(self, "_po_assembly", None)
-        if assembly is None or [m.name for m in assembly.methods] != list(self.methods or ["grpo"]):
+        if assembly is None or assembly.specs != [spec.strip() for spec in self.methods or ["grpo"]]:
             return None
         return assembly if assembly.options == self.method_options else None
 

@@ -71,21 +71,23 @@ Combine = Literal["single", "fold", "product", "sum", "all", "max", "each"]
 
 @dataclass(frozen=True)
 class Stage:
-    """How the trainer treats a hook: which factor it changes and how several implementations combine."""
+    """How the trainer treats a hook: which factor it changes, how several implementations combine, and the short
+    name a method selector uses for it (``--method dapo:-aggregation``)."""
 
     side: Side
     combine: Combine
+    name: str = ""
 
     @property
     def single_owner(self) -> bool:
         return self.combine == "single"
 
 
-def stage(side: Side, combine: Combine):
+def stage(side: Side, combine: Combine, name: str = ""):
     """Mark a hookspec with its :class:`Stage`; single-owner stages are pluggy ``firstresult`` hooks."""
 
     def mark(func):
-        func.po_stage = Stage(side, combine)
+        func.po_stage = Stage(side, combine, name)
         return hookspec(firstresult=combine == "single")(func)
 
     return mark
@@ -100,8 +102,8 @@ def stage(side: Side, combine: Combine):
 def po_register_methods(register):
     """Register named methods.
 
-    Call ``register(name, components=[...], options={...}, side=..., summary=..., targets=..., paper=...,
-    objective=...)`` once per method. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in ``grpo``
+    Call ``register(name, components=[...], options={...}, summary=..., targets=..., paper=..., objective=...)``
+    once per method. Its side (reward, trajectory or both) is derived from the stage hooks its components implement. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in ``grpo``
     baseline with each single-owner stage taken over by the component that implements it and each composable
     component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
     baseline components the method removes (for example ``["reference-kl"]`` for a method with KL in the reward).
@@ -149,18 +151,22 @@ def po_check_config(args, options, assembly):
 
 
 @stage("lifecycle", "each")
-def po_setup(trainer, options):
-    """Called once, after the trainer is constructed and before training.
+def po_setup(context, options):
+    """Called once per run, after the trainer is constructed and before training.
 
-    ``trainer``: the :class:`~po_registry.PolicyOptimizationTrainer`; ``options``: the resolved option values
-    (dict). Load auxiliary models (a teacher, a critic), allocate buffers, validate couplings that need the
-    trainer (for example the model's vocabulary).
+    ``context``: the run's :class:`~po_registry.context.RunContext`: ``model`` (the policy, unwrapped),
+    ``processing_class``, ``accelerator``, ``args``, ``add_callback`` and ``register_auxiliary(name, model)``, which
+    adds an :class:`~po_registry.context.AuxiliaryModel` (a frozen teacher, a trained critic: loading, placement,
+    an optimizer on the policy's schedule, averaging over processes and checkpoints are done there) that the stages
+    read as ``batch.auxiliary[name]``; ``options``: the resolved option values (dict). Each run builds its own
+    instance of a plugin class, so what a component keeps on ``self`` here is this run's.
     """
 
 
 @stage("lifecycle", "each")
 def po_state_dict():
-    """Return this plugin's state to save with a checkpoint (a dict ``torch.save`` can write), or None."""
+    """Return this plugin's state to save with a checkpoint (a dict ``torch.save`` can write), or None. (Trainable
+    auxiliary models are saved and restored by the core.)"""
 
 
 @stage("lifecycle", "each")
@@ -173,7 +179,7 @@ def po_load_state_dict(state):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@stage("reward", "fold")
+@stage("reward", "fold", "shaping")
 def po_shape_rewards(rewards, batch):
     """Transform the reward matrix (reward shaping). Composable: folded in registration order.
 
@@ -186,7 +192,7 @@ def po_shape_rewards(rewards, batch):
     """
 
 
-@stage("reward", "sum")
+@stage("reward", "sum", "token-rewards")
 def po_token_rewards(batch):
     """Dense per-token rewards (process rewards, a teacher's log-ratio). Composable: summed.
 
@@ -197,7 +203,7 @@ def po_token_rewards(batch):
     """
 
 
-@stage("reward", "single")
+@stage("reward", "single", "advantages")
 def po_compute_advantages(rewards, batch):
     """Advantage estimation. Single owner.
 
@@ -216,7 +222,7 @@ def po_compute_advantages(rewards, batch):
     """
 
 
-@stage("trajectory", "all")
+@stage("trajectory", "all", "samples")
 def po_select_samples(rewards, batch):
     """Sample selection (overlong filtering). Composable: a completion is kept only if every plugin keeps it.
 
@@ -226,7 +232,7 @@ def po_select_samples(rewards, batch):
     """
 
 
-@stage("trajectory", "all")
+@stage("trajectory", "all", "groups")
 def po_select_groups(rewards, batch):
     """Group selection (what dynamic sampling needs). Composable: a group is kept only if every plugin keeps it.
 
@@ -237,7 +243,7 @@ def po_select_groups(rewards, batch):
     """
 
 
-@stage("trajectory", "max")
+@stage("trajectory", "max", "refill")
 def po_refill_rounds(options):
     """Dynamic sampling: how many extra generation rounds the trainer may run, per generation batch, to replace
     groups dropped by :func:`po_select_groups` with fresh prompts until the batch is full again. Composable: the
@@ -252,7 +258,7 @@ def po_refill_rounds(options):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@stage("trajectory", "product")
+@stage("trajectory", "product", "token-mask")
 def po_token_mask(batch):
     """Token masks (high-entropy tokens, off-policy sequences). Composable: multiplied.
 
@@ -262,7 +268,7 @@ def po_token_mask(batch):
     """
 
 
-@stage("trajectory", "single")
+@stage("trajectory", "single", "importance")
 def po_log_importance_weights(batch):
     """Importance-weight granularity. Single owner.
 
@@ -272,7 +278,7 @@ def po_log_importance_weights(batch):
     """
 
 
-@stage("trajectory", "product")
+@stage("trajectory", "product", "correction")
 def po_rollout_correction(batch):
     """Rollout-trainer mismatch correction (TIS, MIS). Composable: multiplied.
 
@@ -282,7 +288,7 @@ def po_rollout_correction(batch):
     """
 
 
-@stage("trajectory", "single")
+@stage("trajectory", "single", "objective")
 def po_policy_objective(batch, log_weights):
     """The per-token policy objective (the clip family). Single owner.
 
@@ -292,13 +298,13 @@ def po_policy_objective(batch, log_weights):
     """
 
 
-@stage("trajectory", "sum")
+@stage("trajectory", "sum", "token-penalty")
 def po_token_penalty(batch, log_weights):
     """Per-token regularisers added to the per-token loss before aggregation (a KL to the reference). Composable:
     summed. Return (B, T) or None; include the coefficient."""
 
 
-@stage("trajectory", "single")
+@stage("trajectory", "single", "aggregation")
 def po_aggregate_loss(per_token_loss, batch):
     """Loss aggregation. Single owner.
 
@@ -309,7 +315,7 @@ def po_aggregate_loss(per_token_loss, batch):
     """
 
 
-@stage("trajectory", "sum")
+@stage("trajectory", "sum", "loss-penalty")
 def po_loss_penalty(batch):
     """Scalar regularisers added after aggregation (an entropy bonus). Composable: summed.
 

@@ -93,9 +93,10 @@ class Objective:
       group (added); ``terms`` (added); ``token_weights`` Rules ``f(world, options) -> (S, T)`` multiplying the
       policy loss per token (masks, corrections; added); ``drop_truncated`` and ``drop_equal_groups`` rows or
       groups that leave the loss.
-    Running it: ``needs`` maps a model the oracle provides to the function that installs it (called with the model,
-    then with None): ``value_model`` (the exact value function E[R | prefix] as a token-value model) and ``teacher``
-    (the teacher's logit table as a causal LM); ``rewards="non_negative"``: the method is defined for rewards >= 0
+    Running it: ``needs`` maps the name of an auxiliary model the method's stages read (``batch.auxiliary[name]``)
+    to the model the oracle provides for it, as a frozen :class:`~po_registry.context.AuxiliaryModel`:
+    ``value_model`` (the exact value function E[R | prefix] as a token-value model) or ``teacher`` (the teacher's
+    logit table as a causal LM); ``rewards="non_negative"``: the method is defined for rewards >= 0
     (checked with them, and it must refuse rewards of both signs with an error); ``setups`` the oracle set-ups the
     method runs on (None: the three single-turn ones; ``("turns",)`` for a method that needs multi-turn episodes,
     whose rows carry per-token turn fields); ``not_applicable`` says why the
@@ -115,7 +116,7 @@ class Objective:
     token_weights: tuple[Rule, ...] = ()
     drop_truncated: bool | None = None
     drop_equal_groups: bool | None = None
-    needs: Mapping[str, Callable] = field(default_factory=dict)
+    needs: Mapping[str, str] = field(default_factory=dict)
     rewards: str | None = None
     setups: tuple[str, ...] | None = None
     not_applicable: str = ""
@@ -134,7 +135,7 @@ class Objective:
                 "standard", "environment", "equal-rewards", "turns"}):
             raise ValueError(f"setups {self.setups!r}: expected a tuple of 'standard', 'environment', "
                              "'equal-rewards', 'turns'")
-        unknown = set(self.needs) - {"value_model", "teacher"}
+        unknown = set(self.needs.values()) - {"value_model", "teacher"}
         if unknown:
             raise ValueError(f"needs {sorted(unknown)}: the oracle provides 'value_model' and 'teacher'")
 

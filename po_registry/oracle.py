@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .context import AuxiliaryModel
 from .objectives import (  # the declaration vocabulary, re-exported: plugins declare with po_registry.oracle's names
     ADVANTAGES, AGGREGATIONS, DIVERGENCES, PENALTIES, Rule, Term, Dense, Objective, in_loss_divergence, top_entropy_tokens, NotModelled,
 )
@@ -486,7 +487,12 @@ def baseline_objective(args, components) -> Objective:
 def declared_objective(methods: list[str], args, assembly, registry) -> Objective:
     """The full declaration of the chosen ``methods`` under ``args`` and the assembly's options: the baseline's,
     then, for each method, those of the methods it is built from (components registered as methods) and its own."""
+    from .pipeline import parse_method
+
     declaration = baseline_objective(args, assembly.components)
+    if any(parse_method(spec)[1] is not None for spec in methods):
+        return declaration.then(Objective(not_applicable="a selector takes part of a method, whose declaration "
+                                                         "describes the whole method"))
     names = []
     for method in methods:
         parts = [name for name in registry.method(method).components if name != method and name in registry.methods]
@@ -744,7 +750,7 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
         reward_names=list(world.reward_names), reward_weights=world.reward_weights.clone(), group_size=G,
         completion_lengths=world.lengths[picked], truncated=truncated, max_completion_length=T,
         options=pipeline.options, args=args, local=local, rows=[dict(world.rows[s]) for s in picked.tolist()],
-        policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(),
+        policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(), auxiliary=pipeline.auxiliary,
         greedy_completions=lambda: _greedy_completions(world, rows))
     # The stages in the trainer's order, each seeing what the trainer gives it at that point.
     rewards = pipeline.shape_rewards(world.rewards[picked].clone(), batch)
@@ -767,7 +773,7 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
         mask=mask, entropies=entropies, ref_logps=ref_logps, sampling_logps=None, importance_sampling_ratio=None,
         num_items_in_batch=mask.sum(), accumulation_steps=1, steps_per_generation=1, num_processes=1,
         max_completion_length=T, options=pipeline.options, args=args, inputs=local,
-        rewards=batch.weighted_reward(rewards))
+        rewards=batch.weighted_reward(rewards), auxiliary=pipeline.auxiliary)
     loss = pipeline.loss(loss_batch)
     (grad,) = torch.autograd.grad(loss, theta, allow_unused=True)
     return torch.zeros_like(theta) if grad is None else -grad
@@ -849,31 +855,27 @@ def check_method(methods: str | list[str], options: Mapping[str, Any] | None = N
     pipeline = Pipeline(assembly, registry)
     models = {"teacher": lambda: TableLM(world.teacher.clone()),
               "value_model": lambda: ExactCritic(world, world.values(world.weighted_reward(objective.shaping)))}
-    for need, install in objective.needs.items():
-        install(models[need]())
+    for name, provided in objective.needs.items():
+        pipeline.auxiliary[name] = AuxiliaryModel(models[provided]())
     try:
-        try:
-            exact_free, exact_fixed = declared_gradient(world, objective, assembly.options, LENGTH)
-        except NotModelled as exc:
-            result.note = str(exc)
-            return result
-        if not (torch.isfinite(exact_free).all() and torch.isfinite(exact_fixed).all()):
-            result.passed, result.note = False, "the declaration's expectation is not finite (a Rule divides by 0?)"
-            return result
-        generator = torch.Generator().manual_seed(seed)
-        seen = {}
-        try:
-            samples = torch.stack([pipeline_gradient(pipeline, world, args, rows, generator, seen if i == 0 else None)
-                                   for i in range(batches)])
-        except PORegistryError as exc:  # a stage that fails on the oracle's batches fails the check
-            result.passed, result.note = False, f"{type(exc).__name__}: {exc}"
-            return result
-        result.note = _advantage_mismatch(world, objective, assembly.options, **seen)
-        if objective.rewards == "non_negative":
-            result.note = result.note or _refuses_mixed_signs(pipeline, args, rows, generator, PORegistryError)
-    finally:
-        for install in objective.needs.values():
-            install(None)
+        exact_free, exact_fixed = declared_gradient(world, objective, assembly.options, LENGTH)
+    except NotModelled as exc:
+        result.note = str(exc)
+        return result
+    if not (torch.isfinite(exact_free).all() and torch.isfinite(exact_fixed).all()):
+        result.passed, result.note = False, "the declaration's expectation is not finite (a Rule divides by 0?)"
+        return result
+    generator = torch.Generator().manual_seed(seed)
+    seen = {}
+    try:
+        samples = torch.stack([pipeline_gradient(pipeline, world, args, rows, generator, seen if i == 0 else None)
+                               for i in range(batches)])
+    except PORegistryError as exc:  # a stage that fails on the oracle's batches fails the check
+        result.passed, result.note = False, f"{type(exc).__name__}: {exc}"
+        return result
+    result.note = _advantage_mismatch(world, objective, assembly.options, **seen)
+    if objective.rewards == "non_negative":
+        result.note = result.note or _refuses_mixed_signs(pipeline, args, rows, generator, PORegistryError)
     measured = samples.mean(0)
     scale = 1.0
     if exact_free.norm() > ZERO and objective.scale == "free":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ class Assembly:
     owners: dict[str, list[str]]  # stage hook -> implementing component names, in call order
     options: dict[str, Any]
     option_sources: dict[str, str] = field(default_factory=dict)  # option -> "default" | "method X" | "user"
+    specs: list[str] = field(default_factory=list)  # the methods as chosen, selectors included ("dapo:-aggregation")
 
     def importance_level(self, args) -> str:
         """'token' or 'sequence': the granularity of the importance-weight owner (a component may declare
@@ -41,7 +44,7 @@ class Assembly:
 
     def explain(self) -> str:
         """The pipeline stage by stage: side, owners and options."""
-        lines = [f"methods: {', '.join(m.name for m in self.methods)}"]
+        lines = [f"methods: {', '.join(self.specs or [m.name for m in self.methods])}"]
         for hook in STAGE_HOOKS:
             stage = stage_of(hook)
             owners = self.owners.get(hook, [])
@@ -62,50 +65,121 @@ def _implemented_hooks(plugin: Any, registry: Registry) -> set[str]:
     return {caller.name for caller in registry.pm.get_hookcallers(plugin) or []}
 
 
+def stage_selectors() -> dict[str, frozenset[str]]:
+    """What a method selector may name: a side (``reward``, ``trajectory``), a stage's short name (``aggregation``)
+    or its hook name (``po_aggregate_loss``), each mapped to the stage hooks it stands for."""
+    selectors = {side: frozenset(h for h in STAGE_HOOKS if stage_of(h).side == side) for side in ("reward", "trajectory")}
+    for hook in STAGE_HOOKS:
+        selectors[stage_of(hook).name] = selectors[hook] = frozenset({hook})
+    return selectors
+
+
+def parse_method(spec: str) -> tuple[str, frozenset[str] | None]:
+    """``"name"`` or ``"name:selector+selector"`` -> (name, the stage hooks the method may own, or None for all).
+    A selector is a side or a stage; ``-`` in front removes it: ``dr-grpo:reward`` keeps dr-grpo's reward side,
+    ``dapo:-aggregation`` all of dapo but its loss aggregation."""
+    name, colon, selection = (part.strip() for part in spec.partition(":"))
+    if not colon:
+        return name, None
+    known = stage_selectors()
+    include: set[str] = set()
+    exclude: set[str] = set()
+    for part in (part.strip() for part in selection.split("+")):
+        word = part.removeprefix("-")
+        if word not in known:
+            sides = ", ".join(s for s in known if s in ("reward", "trajectory"))
+            stages = ", ".join(stage_of(h).name for h in STAGE_HOOKS)
+            raise CompositionError(f"method {spec!r}: unknown selector {word or part!r}.{closest(word, known)} "
+                                   f"Selectors: a side ({sides}) or a stage ({stages}), '-' in front to remove it, "
+                                   "joined with '+'")
+        (exclude if part.startswith("-") else include).update(known[word])
+    return name, frozenset((include or set(STAGE_HOOKS)) - exclude)
+
+
+def _with_selector(spec: str, hook: str) -> str:
+    """``spec`` with the stage ``hook`` removed from it: ``dapo`` -> ``dapo:-aggregation``."""
+    short = stage_of(hook).name
+    return f"{spec}+-{short}" if ":" in spec else f"{spec}:-{short}"
+
+
+def _clash_message(clashes: list[tuple[str, str, str]], brought_by: Mapping[str, str], specs: list[str],
+                   stages: Mapping[str, set[str]]) -> str:
+    """Each single-owner stage claimed twice, with both owners, and the two compositions that resolve the clashes
+    between the first two methods (each removing those stages from one of them, or the method itself when it would
+    keep no other stage)."""
+    lines = [f"stage {hook} has two owners: plugin {first!r} (from method {brought_by[first]!r}) and plugin "
+             f"{second!r} (from method {brought_by[second]!r})" for hook, first, second in clashes]
+    message = "; ".join(lines) + "; a single-owner stage takes exactly one"
+    _, first, second = clashes[0]
+    pair = (brought_by[first], brought_by[second])
+    if pair[0] != pair[1]:
+        hooks = [hook for hook, a, b in clashes if {brought_by[a], brought_by[b]} == set(pair)]
+        resolutions = []
+        for loser in pair:
+            own = set().union(*(hooks_ for name, hooks_ in stages.items() if brought_by[name] == loser))
+            narrowed = loser
+            for hook in hooks:
+                narrowed = _with_selector(narrowed, hook)
+            kept = [narrowed if spec == loser else spec for spec in specs if spec != loser or own - set(hooks)]
+            resolutions.append(",".join(kept))
+        message += f". To keep one of them, compose {resolutions[0]!r} or {resolutions[1]!r}"
+    return message
+
+
 def assemble(
     methods: Iterable[str], options: Mapping[str, Any] | None = None, registry: Registry | None = None
 ) -> Assembly:
-    """Resolve method names into an :class:`Assembly`; raise a clear error on any conflict or bad option."""
+    """Resolve method specs (names, with optional side or stage selectors: :func:`parse_method`) into an
+    :class:`Assembly`; raise a clear error on any conflict or bad option."""
     registry = registry or get_registry()
-    methods = list(methods) or [BASELINE_METHOD]
-    if len(set(methods)) != len(methods):
-        raise CompositionError(f"method listed twice in {methods}")
-    chosen = [registry.method(name) for name in methods]
+    specs = [spec.strip() for spec in methods] or [BASELINE_METHOD]
+    parsed = [parse_method(spec) for spec in specs]
+    names = [name for name, _ in parsed]
+    if len(set(names)) != len(names):
+        raise CompositionError(f"method listed twice in {specs}")
+    chosen = [registry.method(name) for name in names]
     baseline = registry.method(BASELINE_METHOD)
 
-    # Who brought each component, for error messages.
+    # Who brought each component, for error messages; the stages each one owns here (a selector narrows them).
     brought_by: dict[str, str] = {}
-    for method in chosen:
-        for component in method.components:
-            brought_by.setdefault(component, method.name)
     replaced = {name for method in chosen for name in method.replaces}
     components: dict[str, Any] = {}
-    for method in chosen:
-        for name in method.components:
-            components[name] = registry.plugin(name, needed_by=method.name)
+    stages: dict[str, set[str]] = {}
+    deselected: dict[str, set[str]] = {}  # method -> its components that a selector left without a stage
+    for spec, (name, allowed), method in zip(specs, parsed, chosen):
+        kept_any = False
+        for component in method.components:
+            plugin = registry.plugin(component, needed_by=method.name)
+            hooks = _implemented_hooks(plugin, registry) & set(STAGE_HOOKS)
+            kept = hooks if allowed is None else hooks & allowed
+            if hooks and not kept:
+                deselected.setdefault(method.name, set()).add(component)
+                continue
+            kept_any = kept_any or bool(kept)
+            components[component] = plugin
+            brought_by.setdefault(component, spec)
+            stages.setdefault(component, set()).update(kept)
+        if not kept_any:
+            raise CompositionError(f"method {spec!r} keeps no stage: its selector leaves none of the stages its "
+                                   "components implement")
 
-    owners: dict[str, list[str]] = {}
-    for hook in STAGE_HOOKS:
-        claimants = [name for name, plugin in components.items() if hook in _implemented_hooks(plugin, registry)]
-        if stage_of(hook).single_owner and len(claimants) > 1:
-            first, second = claimants[:2]
-            raise CompositionError(
-                f"stage {hook} has two owners: plugin {first!r} (from method {brought_by[first]!r}) and plugin "
-                f"{second!r} (from method {brought_by[second]!r}); a single-owner stage takes exactly one"
-            )
-        owners[hook] = claimants
+    owners = {hook: [name for name in components if hook in stages[name]] for hook in STAGE_HOOKS}
+    clashes = [(hook, *owners[hook][:2]) for hook in STAGE_HOOKS
+               if stage_of(hook).single_owner and len(owners[hook]) > 1]
+    if clashes:
+        raise CompositionError(_clash_message(clashes, brought_by, specs, stages))
 
     # Fill from the baseline: single-owner stages nobody claimed, and composable baseline components not replaced.
     for name in baseline.components:
         if name in components or name in replaced:
             continue
         plugin = registry.plugin(name, needed_by=BASELINE_METHOD)
-        hooks = _implemented_hooks(plugin, registry)
-        stage_hooks = [h for h in hooks if h in owners]
+        stage_hooks = _implemented_hooks(plugin, registry) & set(STAGE_HOOKS)
         if any(stage_of(h).single_owner and owners[h] for h in stage_hooks):
             continue  # this stage was taken over by a chosen method
         components[name] = plugin
         brought_by[name] = BASELINE_METHOD
+        stages[name] = stage_hooks
         for hook in stage_hooks:
             owners[hook].append(name)
     for hook in STAGE_HOOKS:
@@ -128,17 +202,20 @@ def assemble(
             f"dense token rewards of {dense} would be dropped: the advantage estimator, plugin {advantage_owner!r} "
             f"(from method {brought_by[advantage_owner]!r}), gives one advantage per sequence and does not read "
             f"batch.token_rewards; compose them with one that does ({', '.join(readers)})")
-    values, sources = _resolve_options(chosen, components, options or {}, registry)
-    return Assembly(chosen, components, owners, values, sources)
+    values, sources = _resolve_options(chosen, components, options or {}, registry, deselected)
+    return Assembly(chosen, components, owners, values, sources, specs)
 
 
 def _resolve_options(chosen: list[Method], components: Mapping[str, Any], user: Mapping[str, Any],
-                     registry: Registry) -> tuple[dict[str, Any], dict[str, str]]:
+                     registry: Registry, deselected: Mapping[str, set[str]]) -> tuple[dict[str, Any], dict[str, str]]:
     declared = {name: opt for name, opt in registry.options.items() if opt.plugin in components}
     values = {name: opt.default for name, opt in declared.items()}
     sources = {name: "default" for name in declared}
     for method in chosen:
         for name, value in method.options.items():
+            if name not in declared and name in registry.options and \
+                    registry.options[name].plugin in deselected.get(method.name, ()):
+                continue  # a default for a component this composition's selector left out
             if name not in declared:
                 raise OptionError(f"method {method.name!r} sets option {name!r}, which none of its components declares")
             if sources[name].startswith("method") and values[name] != value:
@@ -160,18 +237,26 @@ def _resolve_options(chosen: list[Method], components: Mapping[str, Any], user: 
 
 
 class Pipeline:
-    """Runs the stages of an :class:`Assembly` with per-plugin attribution and output checks."""
+    """Runs the stages of an :class:`Assembly` with per-plugin attribution and output checks.
+
+    A pipeline is one run's: it builds its own instance of every component (a plugin class is instantiated afresh)
+    and holds the run's auxiliary models (``auxiliary``: name -> :class:`~po_registry.context.AuxiliaryModel`, which
+    the batches it is given expose to the stages), so two trainers in one process share no state."""
 
     def __init__(self, assembly: Assembly, registry: Registry | None = None):
         self.assembly = assembly
         registry = registry or get_registry()
+        self.components = {name: registry.instantiate(name, plugin) for name, plugin in assembly.components.items()}
+        self.auxiliary: dict[str, Any] = {}
         self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
         for hook in (*STAGE_HOOKS, "po_check_config", "po_setup", "po_state_dict", "po_load_state_dict"):
             impls = []
+            callers = assembly.owners.get(hook)  # a stage's owners (a selector may have taken it from a component)
             for impl in getattr(registry.pm.hook, hook).get_hookimpls():
                 name = next((n for n, p in assembly.components.items() if p is impl.plugin), None)
-                if name is not None:
-                    impls.append((name, impl.function, tuple(impl.argnames)))
+                if name is not None and (callers is None or name in callers):
+                    impls.append((name, _bound(impl.function, impl.plugin, self.components[name]),
+                                  tuple(impl.argnames)))
             order = {name: i for i, name in enumerate(assembly.owners.get(hook) or assembly.components)}
             impls.sort(key=lambda item: order.get(item[0], len(order)))
             self._impls[hook] = impls
@@ -204,17 +289,25 @@ class Pipeline:
             except (ValueError, TypeError) as exc:
                 raise OptionError(f"plugin {plugin!r}: {exc}") from None
 
-    def setup(self, trainer) -> None:
-        for _ in self._call("po_setup", None, trainer=trainer, options=self.options):
+    def setup(self, context) -> None:
+        """Each component's po_setup with the run's :class:`~po_registry.context.RunContext`."""
+        for _ in self._call("po_setup", None, context=context, options=self.options):
             pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {plugin: state for plugin, state in self._call("po_state_dict", None) if state is not None}
+        """What a checkpoint keeps: each component's po_state_dict, and every trainable auxiliary model's state."""
+        states = {plugin: state for plugin, state in self._call("po_state_dict", None) if state is not None}
+        states.update({AUXILIARY_PREFIX + name: model.state_dict() for name, model in self.auxiliary.items()
+                       if model.trainable})
+        return states
 
     def load_state_dict(self, states: Mapping[str, Any]) -> None:
         for plugin, function, argnames in self._impls["po_load_state_dict"]:
             if plugin in states:
                 self._invoke("po_load_state_dict", None, plugin, function, argnames, {"state": states[plugin]})
+        for name, model in self.auxiliary.items():
+            if model.trainable and AUXILIARY_PREFIX + name in states:
+                model.load_state_dict(states[AUXILIARY_PREFIX + name])
 
     # -- reward side --------------------------------------------------------------------------------------------
 
@@ -318,6 +411,16 @@ class Pipeline:
                 _check(penalty, plugin, "po_loss_penalty", step, like=batch.logps, shapes=[()])
                 loss = loss + penalty / batch.accumulation_steps
         return loss
+
+
+AUXILIARY_PREFIX = "auxiliary/"  # checkpoint keys of the auxiliary models' states
+
+
+def _bound(function, prototype: Any, instance: Any):
+    """``function`` (a hook implementation of the registry's ``prototype``) bound to this run's ``instance``."""
+    if instance is not prototype and inspect.ismethod(function) and function.__self__ is prototype:
+        return types.MethodType(function.__func__, instance)
+    return function
 
 
 def _describe(value: Any) -> str:

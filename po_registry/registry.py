@@ -83,6 +83,8 @@ class Method:
     plugin: str
     options: Mapping[str, Any] = field(default_factory=dict)
     replaces: tuple[str, ...] = ()
+    # "reward", "trajectory" or "both": derived from the stage hooks its components implement (the registry fills
+    # it in; "" while a component is not installed)
     side: str = ""
     summary: str = ""
     targets: str = ""
@@ -97,12 +99,13 @@ class PluginInfo:
     """One loaded (or failed) plugin."""
 
     name: str
-    plugin: Any
+    plugin: Any  # the instance the registry loaded (hook discovery, registration hooks); runs build their own
     distribution: str
     version: str
     builtin: bool = False
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
+    factory: Callable[[], Any] | None = None  # the plugin's class: each run's pipeline builds a fresh instance
 
     def as_dict(self) -> dict:
         return {
@@ -166,14 +169,20 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-                if inspect.isclass(plugin):
-                    plugin = plugin()
             except Exception as exc:  # a broken plugin is reported, never dropped silently
                 self.plugins[ep.name] = PluginInfo(ep.name, None, dist, version, error=f"{type(exc).__name__}: {exc}")
                 continue
             self._add(ep.name, plugin, dist, version)
 
     def _add(self, name: str, plugin: Any, distribution: str, version: str, builtin: bool = False) -> None:
+        """Register a plugin: a class (each run builds its own instance; the registry keeps one for discovery) or an
+        object used as it is (a module: it must keep no per-run state)."""
+        factory = plugin if inspect.isclass(plugin) else None
+        try:
+            plugin = factory() if factory is not None else plugin
+        except Exception as exc:
+            self.plugins[name] = PluginInfo(name, None, distribution, version, builtin, f"{type(exc).__name__}: {exc}")
+            return
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # bad hook signature, unknown hook name
@@ -185,7 +194,7 @@ class Registry:
             self.plugins[name] = PluginInfo(name, None, distribution, version, builtin, "; ".join(ignored))
             return
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
-        self.plugins[name] = PluginInfo(name, plugin, distribution, version, builtin, hooks=hooks)
+        self.plugins[name] = PluginInfo(name, plugin, distribution, version, builtin, hooks=hooks, factory=factory)
         for problem in hookspecs.component_attribute_faults(plugin):
             self._load_faults.setdefault(name, []).append(problem)
         api = getattr(plugin, "po_registry_api", hookspecs.API_VERSION)
@@ -195,7 +204,7 @@ class Registry:
                 f"written for hook specification version {api}; this po-registry supports {supported}")
 
     def register(self, plugin: Any, name: str, distribution: str = "(registered at run time)") -> None:
-        """Register a plugin object by hand (notebooks, tests): the same as an entry point named ``name``."""
+        """Register a plugin class or object by hand (notebooks, tests): the same as an entry point named ``name``."""
         if name in self.plugins:
             raise ValueError(f"a plugin named {name!r} is already loaded (from {self.plugins[name].distribution})")
         self._add(name, plugin, distribution, "?")
@@ -222,6 +231,19 @@ class Registry:
                 if impl.plugin is info.plugin:
                     self._call_registration(info.name, impl.function, "po_register_tasks", self._task_adder)
 
+        for name, method in self.methods.items():
+            self.methods[name] = dataclasses.replace(method, side=self._derived_side(method))
+
+    def _derived_side(self, method: Method) -> str:
+        """The factor(s) of J the method changes: the sides of the stage hooks its components implement."""
+        sides = set()
+        for component in method.components:
+            info = self.plugins.get(component)
+            if info is None or info.plugin is None:
+                return ""
+            sides |= {stage_of(hook).side for hook in info.hooks if hook in STAGE_HOOKS}
+        return "both" if len(sides) == 2 else next(iter(sides), "")
+
     def _call_registration(self, plugin: str, function, hook: str, adder) -> None:
         try:
             function(adder(plugin))
@@ -230,8 +252,8 @@ class Registry:
 
     def _method_adder(self, plugin: str):
         def register(name: str, components: Iterable[str] = (), options: Mapping[str, Any] | None = None,
-                     replaces: Iterable[str] = (), side: str = "", summary: str = "", targets: str = "",
-                     paper: str = "", objective: Any = None) -> None:
+                     replaces: Iterable[str] = (), summary: str = "", targets: str = "", paper: str = "",
+                     objective: Any = None) -> None:
             if name in self.methods:
                 other = self.methods[name].plugin
                 self._fault(plugin, f"method {name!r} is already registered by plugin {other!r}")
@@ -245,7 +267,7 @@ class Registry:
                                         f"function (args, options) -> Objective, got {type(objective).__name__}")
                     return
             self.methods[name] = Method(name, tuple(components), plugin, dict(options or {}), tuple(replaces),
-                                        side, summary, targets, paper, objective)
+                                        "", summary, targets, paper, objective)
 
         return register
 
@@ -296,6 +318,14 @@ class Registry:
             raise PluginLoadError(f"method {needed_by!r} needs plugin {name!r}, which has load faults: "
                                   + "; ".join(self.faults[name]))
         return info.plugin
+
+    def instantiate(self, name: str, prototype: Any) -> Any:
+        """A fresh instance of plugin ``name`` for one run (the plugin object itself when it is not a class).
+        ``prototype``: the loaded instance the assembly chose, checked to be this registry's."""
+        info = self.plugins[name]
+        if info.plugin is not prototype:
+            raise ValueError(f"plugin {name!r} of the assembly is not the one this registry loaded")
+        return info.factory() if info.factory is not None else info.plugin
 
     def option(self, name: str) -> Option:
         if name not in self.options:

@@ -165,8 +165,8 @@ def generate(name: str, stage: str = "advantages", directory: Path | str = ".") 
         f'    """{template.summary[0].upper() + template.summary[1:]} ({template.side} side, stage {template.hook})."""\n\n'
         "    @hookimpl\n"
         "    def po_register_methods(self, register):\n"
-        f'        register("{name}", components=["{name}"], side="{template.side}",\n'
-        f'                 summary="{template.summary}", targets="TODO: the failure this method fixes",\n'
+        f'        register("{name}", components=["{name}"], summary="{template.summary}",\n'
+        '                 targets="TODO: the failure this method fixes",\n'
         '                 paper="TODO: arXiv id")\n\n'
         "    @hookimpl\n"
         "    def po_declare_options(self, register):\n"

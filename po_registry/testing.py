@@ -85,7 +85,7 @@ def _completion_and_tool_masks(lengths, width: int, hole_row: int):
 
 
 def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1, width: int = 6, seed: int = 0,
-                 rewards=None, args=None, options=None):
+                 rewards=None, args=None, options=None, auxiliary=None):
     """(rewards (N, K), RewardBatch) of a synthetic global batch: random 0/1 rewards unless given, ragged
     completion lengths (one of length 1), the last row truncated, and row 2 (of full width, when the batch has
     one and ``width`` >= 3) a multi-turn episode with an environment token at position 1: a hole in the loss mask
@@ -126,12 +126,13 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         policy_logps=lambda: policy_logps,
         processing_class=char_tokenizer(),
         greedy_rewards=lambda: greedy,
+        auxiliary=auxiliary if auxiliary is not None else {},
     )
     return rewards, batch
 
 
 def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantages: bool = False,
-               off_policy: float = 0.3, args=None, options=None):
+               off_policy: float = 0.3, args=None, options=None, auxiliary=None):
     """A synthetic LossBatch: ``logps`` is a leaf tensor with ``requires_grad``; row 0 is fully masked, row 1
     has one token, row 2 (of full width, when ``rows`` > 2 and ``width`` >= 3) has an environment token at
     position 1 (a hole in ``mask``; ``inputs`` carry its ``tool_mask``); behaviour log-probs differ from the
@@ -173,6 +174,7 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
                 "completion_ids": torch.randint(4, 20, (rows, width), generator=generator) * completion.long(),
                 "completion_mask": completion.long(), "tool_mask": tool.long()},
         rewards=torch.randint(0, 2, (rows,), generator=generator).float(),
+        auxiliary=auxiliary if auxiliary is not None else {},
     )
 
 
@@ -260,6 +262,10 @@ class PluginConformance:
         """Override to add what the method's reward side reads beyond the synthetic batch (``batch.rows`` of a
         multi-turn rollout) to the synthetic generation batch."""
 
+    def prepare_auxiliary(self, auxiliary: dict) -> None:
+        """Override to give the synthetic batches the auxiliary models the method's stages read (``auxiliary[name] =
+        AuxiliaryModel(model)``, what its po_setup registers in a trainer)."""
+
     def prepare_loss_batch(self, batch) -> None:
         """Override to add what the method's reward side carries to the loss side (``RewardBatch.carry``) to the
         synthetic micro-batch's ``inputs``."""
@@ -273,19 +279,21 @@ class PluginConformance:
         from .pipeline import Pipeline
 
         args = self._args()
-        return Pipeline(args.resolve()), args
+        pipeline = Pipeline(args.resolve())
+        self.prepare_auxiliary(pipeline.auxiliary)
+        return pipeline, args
 
     def _loss(self, pipeline, args, **kwargs):
         import torch
 
         torch.manual_seed(0)
-        batch = loss_batch(args=args, options=pipeline.options, **kwargs)
+        batch = loss_batch(args=args, options=pipeline.options, auxiliary=pipeline.auxiliary, **kwargs)
         self.prepare_loss_batch(batch)
         loss = pipeline.loss(batch)
         return loss, batch
 
     def _advantages(self, pipeline, args, **kwargs):
-        rewards, batch = reward_batch(args=args, options=pipeline.options, **kwargs)
+        rewards, batch = reward_batch(args=args, options=pipeline.options, auxiliary=pipeline.auxiliary, **kwargs)
         self.prepare_reward_batch(batch)
         rewards = pipeline.shape_rewards(rewards, batch)
         token = pipeline.token_rewards(batch, like=batch.completion_mask)
@@ -350,7 +358,8 @@ class PluginConformance:
         loss.backward()
         masked = ~batch.mask.bool()
         torch.manual_seed(0)
-        other = loss_batch(args=args, options=pipeline.options, per_token_advantages=True)
+        other = loss_batch(args=args, options=pipeline.options, per_token_advantages=True,
+                           auxiliary=pipeline.auxiliary)
         self.prepare_loss_batch(other)
         noise = torch.Generator().manual_seed(9)
         with torch.no_grad():

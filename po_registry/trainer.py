@@ -22,6 +22,7 @@ from trl.data_utils import is_conversational
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
+from .context import RunContext
 from .errors import CouplingWarning, OptionError
 from .pipeline import Pipeline, assemble
 
@@ -62,7 +63,11 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         super().__init__(model, reward_funcs, args, **kwargs)
         _refuse_dropped_fsdp(self)
-        self.po_pipeline.setup(self)
+        self.po_context = RunContext(model=self.accelerator.unwrap_model(self.model),
+                                     processing_class=self.processing_class, accelerator=self.accelerator,
+                                     args=self.args, auxiliary=self.po_pipeline.auxiliary,
+                                     add_callback=self.add_callback)
+        self.po_pipeline.setup(self.po_context)
 
     @property
     def po_options(self) -> dict:
@@ -128,9 +133,11 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             options=self.po_options,
             args=self.args,
             step=self.state.global_step,
+            max_steps=self.state.max_steps,
             training=mode == "train",
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
+            auxiliary=self.po_pipeline.auxiliary,
             log_metric=self._metric_logger(mode),
             processing_class=self.processing_class,
             gather=self._gather_padded,
@@ -307,7 +314,9 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             inputs=inputs,
             rewards=inputs.get("po_rewards"),
             step=self.state.global_step,
+            max_steps=self.state.max_steps,
             training=training,
+            auxiliary=self.po_pipeline.auxiliary,
             log_metric=self._metric_logger(mode),
             reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
             gather=self.accelerator.gather,

@@ -69,7 +69,7 @@ class CaptureLogps:
 
     @hookimpl
     def po_register_methods(self, register):
-        register("capture-logps", components=["capture-logps"], side="trajectory")
+        register("capture-logps", components=["capture-logps"])
 
     @hookimpl
     def po_token_penalty(self, batch):

@@ -56,3 +56,102 @@ def test_a_trainer_uses_the_assembly_its_config_was_checked_with(po_trainer, tmp
     assert len(coupling) == 1 and "opd-reward" in str(coupling[0].message)
     sources = trainer.po_pipeline.assembly.option_sources
     assert sources["opd_lambda"] == "user" and sources["opd_clip"] == "default"
+
+
+# -- side and stage selectors: one method's reward side with another's trajectory side ---------------------------
+
+
+def _stage_outputs(methods, seed=0):
+    """The advantages and the loss of the assembled pipeline on one synthetic batch (holes in the mask included)."""
+    import torch
+
+    from po_registry.pipeline import Pipeline
+    from po_registry.testing import loss_batch, reward_batch
+
+    args = default_args(methods)
+    pipeline = Pipeline(args.checked_assembly())
+    rewards, batch = reward_batch(args=args, options=pipeline.options, seed=seed)
+    advantages = pipeline.compute_advantages(pipeline.shape_rewards(rewards, batch), batch)
+    torch.manual_seed(seed)
+    loss = pipeline.loss(loss_batch(args=args, options=pipeline.options, seed=seed, per_token_advantages=True))
+    return advantages, loss
+
+
+def test_a_side_selector_takes_one_side_of_a_method():
+    """dr-grpo:reward,gspo: Dr. GRPO's advantages (no std scaling) with GSPO's whole trajectory side. The two were
+    refused together (both aggregate the loss); selected, the advantages are dr-grpo's own and the loss gspo's own."""
+    assembly = assemble(["dr-grpo:reward", "gspo"])
+    assert assembly.owners["po_compute_advantages"] == ["dr-grpo"]
+    assert assembly.owners["po_aggregate_loss"] == ["gspo"] and assembly.specs == ["dr-grpo:reward", "gspo"]
+    composed_advantages, composed_loss = _stage_outputs(["dr-grpo:reward", "gspo"])
+    dr_grpo_advantages, _ = _stage_outputs(["dr-grpo"])
+    _, gspo_loss = _stage_outputs(["gspo"])
+    assert composed_advantages.equal(dr_grpo_advantages) and composed_loss.item() == gspo_loss.item()
+    assert not dr_grpo_advantages.equal(_stage_outputs(["gspo"])[0])  # the sides really differ
+
+
+def test_a_stage_selector_removes_one_stage_and_the_baseline_takes_it_back():
+    assembly = assemble(["dapo:-aggregation"])
+    assert assembly.owners["po_aggregate_loss"] == ["loss-aggregation"]  # the baseline's, by loss_type
+    assert assembly.owners["po_policy_objective"] == ["clip-higher"]
+    shaped = assemble(["dapo:-shaping"])  # the overlong penalty's component leaves, and its options with it
+    assert shaped.owners["po_shape_rewards"] == [] and "overlong-reward" not in shaped.components
+    assert not any(name.startswith("overlong_reward") for name in shaped.options)
+    both = assemble(["dapo:trajectory+-aggregation"])
+    assert both.owners["po_shape_rewards"] == [] and both.owners["po_aggregate_loss"] == ["loss-aggregation"]
+
+
+@pytest.mark.parametrize("methods", [["dapo", "gspo"], ["gspo", "dr-grpo"], ["cispo", "dr-grpo"], ["sapo", "dual-clip"]])
+def test_a_refused_composition_prints_the_selectors_that_resolve_it(methods):
+    """Every clash between the two methods is named with both owners, and both suggested compositions assemble: one
+    method narrowed by a selector, or left out where the clash is all it brings (dual-clip is only an objective)."""
+    with pytest.raises(CompositionError, match="To keep one of them, compose") as error:
+        assemble(methods)
+    suggestions = str(error.value).split("compose ", 1)[1]
+    first, second = (part.strip(" '.") for part in suggestions.split("' or '"))
+    for suggestion, narrowed in ((first, 0), (second, 1)):
+        specs = assemble(suggestion.split(",")).specs
+        if len(specs) == 2:
+            assert [spec.split(":")[0] for spec in specs] == methods and ":-" in specs[narrowed]
+        else:
+            assert specs == [methods[1 - narrowed]]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("dapo:rewrd", r"unknown selector 'rewrd'\. Did you mean 'reward'\? Selectors: a side \(reward, trajectory\)"),
+    ("dapo:", r"unknown selector ''"),
+    ("gspo:reward", r"method 'gspo:reward' keeps no stage"),
+    ("nosuch:reward", r"unknown method 'nosuch'"),
+])
+def test_bad_selectors_are_one_clear_error(spec, message):
+    with pytest.raises(Exception, match=message):
+        assemble([spec])
+
+
+def test_selectors_reach_the_config_yaml_and_explain(tmp_path, capsys):
+    """A config keeps the specs as given (its checked assembly is reused, not rebuilt), YAML takes them, and
+    `explain` shows the selected pipeline."""
+    from po_registry.cli import main
+
+    args = default_args(["dr-grpo:reward", "gspo"])
+    assert args.methods == ["dr-grpo:reward", "gspo"] and args.checked_assembly() is not None
+    from po_registry.run import _settings_from
+
+    config = tmp_path / "run.yaml"
+    config.write_text("methods: [\"dr-grpo:reward\", gspo]\n")
+    assert _settings_from(config, {})[0]["method"] == ["dr-grpo:reward", "gspo"]
+    config.write_text("methods: [\"dr-grpo:rewrd\", gspo]\n")
+    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "unknown selector 'rewrd'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["explain", "dr-grpo:reward,gspo"]) == 0
+    out = capsys.readouterr().out
+    assert "methods: dr-grpo:reward, gspo" in out and "po_aggregate_loss (single owner): gspo" in out
+
+
+def test_the_oracle_leaves_a_selected_composition_unchecked():
+    """A method's declaration describes the whole method: a selector leaves it out of the oracle's claim, saying so."""
+    from po_registry.oracle import check_method
+
+    result = check_method(["dr-grpo:reward", "gspo"], batches=2, rows=64)
+    assert result.passed is None and "selector" in result.note

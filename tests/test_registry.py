@@ -29,7 +29,7 @@ LOO_PLUGIN = textwrap.dedent(
     class LeaveOneOut:
         @hookimpl
         def po_register_methods(self, register):
-            register("loo-example", components=["loo-example"], side="reward", summary="leave-one-out baseline",
+            register("loo-example", components=["loo-example"], summary="leave-one-out baseline",
                      options={"loo_scale": 1.5})
 
         @hookimpl

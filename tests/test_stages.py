@@ -149,8 +149,8 @@ class TrajectoryKit(_Component):
             raise ValueError(f"beta must be 0 with this kit, got {args.beta}")
 
     @hookimpl
-    def po_setup(self, trainer, options):
-        self.setup_calls.append((trainer, options))
+    def po_setup(self, context, options):
+        self.setup_calls.append((context, options))
 
     @hookimpl
     def po_log_importance_weights(self, batch):
@@ -204,7 +204,10 @@ def test_setup_and_config_checks_reach_the_plugin(plugins, po_trainer):
 
     kit = plugins("trajectory-kit", TrajectoryKit())
     trainer = po_trainer(["trajectory-kit"])
-    assert kit.setup_calls == [(trainer, {})]
+    assert kit.setup_calls == [(trainer.po_context, {})]
+    context = trainer.po_context  # the narrow view of the run: the policy unwrapped, its tokenizer, accelerator, args
+    assert context.model is trainer.accelerator.unwrap_model(trainer.model) and context.args is trainer.args
+    assert context.processing_class is trainer.processing_class and context.auxiliary is trainer.po_pipeline.auxiliary
     with pytest.raises(OptionError, match="plugin 'trajectory-kit': beta must be 0 with this kit, got 0.1"):
         po_trainer(["trajectory-kit"], beta=0.1)
 

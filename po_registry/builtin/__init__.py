@@ -1,5 +1,6 @@
-"""Built-in plugins, registered through the same hooks as third-party ones."""
+"""Built-in plugins, registered through the same hooks as third-party ones (as classes: each run builds its own
+instances)."""
 
 from .grpo import COMPONENTS, BaselineMethod
 
-BUILTIN_PLUGINS: list[tuple[str, object]] = [("grpo", BaselineMethod()), *COMPONENTS.items()]
+BUILTIN_PLUGINS: list[tuple[str, type]] = [("grpo", BaselineMethod), *COMPONENTS.items()]

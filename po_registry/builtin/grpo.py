@@ -228,15 +228,15 @@ class LossAggregation:
 
 
 COMPONENTS = {
-    "group-advantage": GroupAdvantage(),
-    "policy-ratio": PolicyRatio(),
-    "clip-objective": ClipObjective(),
-    "entropy-mask": EntropyMask(),
-    "off-policy-mask": OffPolicyMask(),
-    "sampler-correction": SamplerCorrection(),
-    "reference-kl": ReferenceKL(),
-    "entropy-bonus": EntropyBonus(),
-    "loss-aggregation": LossAggregation(),
+    "group-advantage": GroupAdvantage,
+    "policy-ratio": PolicyRatio,
+    "clip-objective": ClipObjective,
+    "entropy-mask": EntropyMask,
+    "off-policy-mask": OffPolicyMask,
+    "sampler-correction": SamplerCorrection,
+    "reference-kl": ReferenceKL,
+    "entropy-bonus": EntropyBonus,
+    "loss-aggregation": LossAggregation,
 }
 
 
@@ -257,7 +257,6 @@ class BaselineMethod:
         register(
             "grpo",
             components=list(COMPONENTS),
-            side="both",
             summary="TRL GRPOTrainer baseline: follows GRPOConfig's loss_type, scale_rewards, epsilon, beta, ...",
             targets="policy-sized critic (group-relative baseline instead)",
             paper="arXiv 2402.03300",

@@ -18,7 +18,6 @@ class CISPO:
         register(
             "cispo",
             components=["cispo"],
-            side="trajectory",
             summary="CISPO: clip the stop-gradient importance weight, never drop a token's gradient",
             targets="PPO clipping drops the gradients of rare pivotal tokens over many off-policy updates",
             paper="arXiv 2506.13585",

@@ -24,7 +24,7 @@ class ClipHigher:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("clip-higher", components=["clip-higher"], side="trajectory", paper=PAPER,
+        register("clip-higher", components=["clip-higher"], paper=PAPER,
                  summary="DAPO's clip-higher (0.2 / 0.28) with the token-level loss",
                  targets="entropy collapse: a symmetric upper clip keeps low-probability exploration tokens down",
                  objective=Objective(aggregation="tokens"))  # at ratio 1 no clip binds
@@ -53,7 +53,7 @@ class OverlongFilter:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("overlong-filter", components=["overlong-filter"], side="trajectory", paper=PAPER,
+        register("overlong-filter", components=["overlong-filter"], paper=PAPER,
                  summary="drop truncated completions from the loss",
                  targets="truncated samples punished as wrong inject reward noise",
                  objective=Objective(drop_truncated=True))
@@ -75,7 +75,7 @@ class OverlongReward:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Rule
 
-        register("overlong-reward", components=["overlong-reward"], side="reward", paper=PAPER,
+        register("overlong-reward", components=["overlong-reward"], paper=PAPER,
                  summary="DAPO's soft overlong punishment added to the reward",
                  targets="over-long answers; a smooth penalty instead of a cliff at the length cap",
                  objective=Objective(shaping=(Rule("soft overlong penalty", lambda world, options: soft_overlong_penalty(
@@ -121,7 +121,7 @@ class DynamicSampling:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("dynamic-sampling", components=["dynamic-sampling"], side="both", paper=PAPER,
+        register("dynamic-sampling", components=["dynamic-sampling"], paper=PAPER,
                  summary="drop all-equal-reward groups and refill the batch with fresh prompts",
                  targets="groups with zero reward variance give no gradient (A = 0/0) and shrink the effective batch",
                  objective=Objective(drop_equal_groups=True))
@@ -147,7 +147,7 @@ class DAPO:
         from po_registry.oracle import Objective
 
         register("dapo", components=["clip-higher", "overlong-filter", "overlong-reward", "dynamic-sampling"],
-                 side="both", paper=PAPER,
+                 paper=PAPER,
                  summary="DAPO: clip-higher, token-level loss, overlong filtering and shaping, dynamic sampling",
                  targets="clip-variance coupling: entropy collapse with vanishing group variance",
                  objective=Objective())  # its four components' declarations

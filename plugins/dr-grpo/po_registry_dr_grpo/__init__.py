@@ -18,7 +18,6 @@ class DrGRPO:
         register(
             "dr-grpo",
             components=["dr-grpo"],
-            side="reward",
             summary="Dr.GRPO: advantages without std scaling, loss over a constant B * L_max",
             targets="length bias (1/|o| favours short right and long wrong answers) and difficulty bias (std)",
             paper="arXiv 2503.20783",

@@ -18,7 +18,6 @@ class DualClip:
         register(
             "dual-clip",
             components=["dual-clip"],
-            side="trajectory",
             summary="dual-clip PPO: bound the loss of negative-advantage tokens at c * |A|",
             targets="a very large ratio on a negative-advantage token yields an unbounded, destabilising update",
             paper="arXiv 1912.09729",

@@ -62,7 +62,7 @@ class HighEntropyTokens:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, top_entropy_tokens
 
-        register("high-entropy-tokens", components=["high-entropy-tokens"], side="trajectory",
+        register("high-entropy-tokens", components=["high-entropy-tokens"],
                  summary="80/20 rule: policy gradient only on the top-entropy (forking) tokens",
                  targets="low-entropy tokens dominate the update and reinforce collapse", paper="arXiv 2506.01939",
                  objective=lambda args, options: Objective(
@@ -104,7 +104,7 @@ class ClipCov:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("clip-cov", components=["clip-cov"], side="trajectory", paper=COV_PAPER, targets=COV_TARGET,
+        register("clip-cov", components=["clip-cov"], paper=COV_PAPER, targets=COV_TARGET,
                  summary="Clip-Cov: drop the gradient of a few random tokens with high covariance",
                  objective=Objective(unmodelled="the gradient of a random fraction of high-covariance tokens is "
                                                 "removed"))
@@ -151,7 +151,7 @@ class KLCov:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("kl-cov", components=["kl-cov"], side="trajectory", paper=COV_PAPER, targets=COV_TARGET,
+        register("kl-cov", components=["kl-cov"], paper=COV_PAPER, targets=COV_TARGET,
                  summary="KL-Cov: a KL penalty to the behaviour policy on the top-k covariance tokens",
                  objective=Objective())  # at ratio 1: -r A is the policy gradient, |log r| has zero gradient
 

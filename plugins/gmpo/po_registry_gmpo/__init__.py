@@ -22,7 +22,6 @@ class GMPO:
         register(
             "gmpo",
             components=["gmpo"],
-            side="trajectory",
             summary="GMPO: geometric mean of token ratios clipped in log space (e^-0.4, e^0.4)",
             targets="outlier token ratios dominate the arithmetic mean and force narrow clips that kill exploration",
             paper="arXiv 2507.20673",

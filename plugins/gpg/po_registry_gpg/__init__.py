@@ -17,7 +17,7 @@ class GPG:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("gpg", components=["gpg"], side="reward", paper="arXiv 2504.02546",
+        register("gpg", components=["gpg"], paper="arXiv 2504.02546",
                  summary="GPG: plain policy gradient, mean-centred advantages scaled by B/(B-M)",
                  targets="degenerate groups (all-equal rewards) dilute the gradient of the batch",
                  objective=Objective(advantage="mean", scale="free", aggregation="tokens"))  # alpha: a batch scale

@@ -26,7 +26,6 @@ class GSPO:
         register(
             self.name,
             components=[self.name],
-            side="trajectory",
             summary=self.summary,
             targets="per-token importance weights add length-growing noise amplified by clipping; MoE routing "
                     "volatility",

@@ -27,7 +27,6 @@ class KLPenalty:
             "kl",
             components=["kl"],
             replaces=["reference-kl"],
-            side="trajectory",
             summary="KL to the reference in the loss, estimator k1, k2 or k3, optionally importance-corrected",
             targets="drift from the reference policy; the estimator trades bias for variance",
             paper="http://joschu.net/blog/kl-approx.html; arXiv 2512.02556 (importance-corrected)",
@@ -65,7 +64,6 @@ class KLReward:
             "kl-reward",
             components=["kl-reward"],
             replaces=["reference-kl"],
-            side="reward",
             summary="KL to the reference folded into the reward: -beta * k_t per token, in the return of every "
                     "earlier token",
             targets="drift from the reference, with the KL as a reward (no gradient through the estimate)",

@@ -29,7 +29,7 @@ class MaxRL:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Rule
 
-        register("maxrl", components=["maxrl"], side="reward", paper="arXiv 2602.02710",
+        register("maxrl", components=["maxrl"], paper="arXiv 2602.02710",
                  summary="MaxRL: advantages scaled by the group mean reward (the success rate for 0/1 rewards)",
                  targets="std scaling's difficulty bias; learning from rare successes on hard prompts",
                  objective=Objective(log_reward=True, rewards="non_negative", advantage=Rule(  # maximum likelihood

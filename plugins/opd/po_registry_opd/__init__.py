@@ -17,15 +17,14 @@ r_t = log pi_T(y_t | prefix) - log pi_old(y_t | prefix) (optionally clipped to [
   grad KL(pi_T || pi_theta); k1 has zero expected gradient.
 
 lambda may follow a schedule (constant, linear or cosine from ``opd_lambda`` to ``opd_lambda_end``). The teacher is
-any local causal LM with the student's vocabulary, loaded once, frozen, in evaluation mode, on the student's device
-and dtype; or, with no path and a LoRA student, the student's base model with the adapter switched off. It runs
-without gradient, a chunk of rows at a time, and keeps only sampled-token log-probs unless the full divergence is
-asked for.
+any local causal LM with the student's vocabulary, loaded once per run, frozen, in evaluation mode, on the
+student's device and dtype; or, with no path and a LoRA student, the student's base model with the adapter switched
+off (a :class:`~po_registry.context.AuxiliaryModel` named ``teacher``). It runs without gradient, a chunk of rows at
+a time, and keeps only sampled-token log-probs unless the full divergence is asked for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
@@ -34,48 +33,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from po_registry import CouplingWarning, hookimpl
+from po_registry.context import AuxiliaryModel, load_model
 from po_registry.ops import kl_estimate, masked_mean, returns_to_go
 
 PAPER = "thinkingmachines.ai/blog/on-policy-distillation (OPD); survey section 8 (GRPO-OPD operators)"
-
-
-class TeacherState:
-    """The loaded teacher, shared by the operator components of one trainer."""
-
-    def __init__(self):
-        self.model = None  # a frozen causal LM, or None when the teacher is the student's base model
-        self.base_of = None  # a PEFT student whose base model (adapter off) is the teacher
-        self.student = None  # the unwrapped student, for the full-vocabulary divergence
-        self.trainer = None
-        self._cache_key, self._cache = None, None
-
-    def use(self, model=None, base_of=None, student=None, trainer=None) -> None:
-        self.model, self.base_of, self.student, self.trainer = model, base_of, student, trainer
-        self._cache_key, self._cache = None, None
-
-    def completion_logits(self, rows, start: int, stop: int, temperature: float) -> torch.Tensor:
-        """(b, T, V) teacher logits at the completion positions of rows ``start:stop``, without gradient."""
-        if self.model is None and self.base_of is None:
-            raise RuntimeError("no teacher is loaded: the opd components need po_setup (a PolicyOptimizationTrainer)")
-        model = self.model if self.model is not None else self.base_of
-        adapter_off = self.base_of.disable_adapter() if self.model is None else contextlib.nullcontext()
-        with torch.no_grad(), adapter_off:
-            return completion_logits(model, rows, start, stop, temperature)
-
-    def token_logps(self, rows, temperature: float, chunk: int) -> torch.Tensor:
-        """(B, T) teacher log-probs of the sampled completion tokens, a chunk of rows at a time (cached per rows)."""
-        ids = rows["completion_ids"]
-        if ids is not self._cache_key:  # the cache holds the tensor itself, so its identity cannot be recycled
-            parts = []
-            for start in range(0, ids.shape[0], chunk):
-                logits = self.completion_logits(rows, start, start + chunk, temperature)
-                parts.append(torch.log_softmax(logits.float(), dim=-1).gather(
-                    -1, ids[start : start + chunk].unsqueeze(-1)).squeeze(-1))
-            self._cache_key, self._cache = ids, torch.cat(parts)
-        return self._cache
-
-
-TEACHER = TeacherState()
 
 
 def completion_logits(model, rows, start: int, stop: int, temperature: float) -> torch.Tensor:
@@ -92,9 +53,32 @@ def teacher_chunk(options, args) -> int:
     return options["opd_teacher_chunk"] or args.per_device_train_batch_size
 
 
-def teacher_signal(rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options, args) -> torch.Tensor:
+def _teacher(auxiliary) -> AuxiliaryModel:
+    if "teacher" not in auxiliary:
+        raise RuntimeError("no teacher is loaded: the opd components need po_setup (a PolicyOptimizationTrainer)")
+    return auxiliary["teacher"]
+
+
+def teacher_token_logps(auxiliary, rows, temperature: float, chunk: int) -> torch.Tensor:
+    """(B, T) teacher log-probs of the sampled completion tokens, a chunk of rows at a time, computed once for the
+    rows' completion tensor (every stage of a micro-batch asks for the same)."""
+    teacher, ids = _teacher(auxiliary), rows["completion_ids"]
+
+    def compute() -> torch.Tensor:
+        parts = []
+        for start in range(0, ids.shape[0], chunk):
+            logits = completion_logits(teacher, rows, start, start + chunk, temperature)
+            parts.append(torch.log_softmax(logits.float(), dim=-1).gather(
+                -1, ids[start : start + chunk].unsqueeze(-1)).squeeze(-1))
+        return torch.cat(parts)
+
+    return teacher.outputs(ids, compute)
+
+
+def teacher_signal(auxiliary, rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options,
+                   args) -> torch.Tensor:
     """r_t = log pi_T(y_t) - log pi_old(y_t) on the loss tokens (0 elsewhere), clipped to [-c, c] when c > 0."""
-    teacher = TEACHER.token_logps(rows, args.temperature, teacher_chunk(options, args))
+    teacher = teacher_token_logps(auxiliary, rows, args.temperature, teacher_chunk(options, args))
     signal = (teacher - behaviour_logps) * mask
     clip = options["opd_clip"]
     return signal.clamp(-clip, clip) if clip > 0 else signal
@@ -103,7 +87,7 @@ def teacher_signal(rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, opti
 def rollout_signal(batch) -> torch.Tensor:
     """(B, T) teacher signal on this process's rows of a generation batch, against the sampling policy."""
     mask = batch.local_mask  # environment tokens were not sampled by the student: no signal there
-    signal = teacher_signal(batch.local, batch.policy_logps(), mask, batch.options, batch.args)
+    signal = teacher_signal(batch.auxiliary, batch.local, batch.policy_logps(), mask, batch.options, batch.args)
     total, tokens = batch.gather(torch.stack([signal.sum(), mask.sum()]).reshape(1, 2)).sum(0)  # every process's
     batch.log_metric("opd/reverse_kl", -(total / tokens.clamp(min=1.0)).item())
     return signal
@@ -121,21 +105,19 @@ def scheduled_lambda(options, step: int, max_steps: int) -> float:
 
 
 def current_lambda(batch) -> float:
-    trainer = TEACHER.trainer
-    max_steps = trainer.state.max_steps if trainer is not None and trainer.state.max_steps > 0 else batch.args.max_steps
-    value = scheduled_lambda(batch.options, batch.step, max_steps)
+    value = scheduled_lambda(batch.options, batch.step, batch.max_steps or batch.args.max_steps)
     batch.log_metric("opd/lambda", value)
     return value
 
 
-def full_reverse_kl(student, rows, mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+def full_reverse_kl(student, teacher, rows, mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
     """Sum over loss tokens of KL(pi_theta || pi_T) = sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v)).
 
     Each chunk of rows is checkpointed: its vocabulary-sized logits live only while that chunk is computed."""
 
     def chunk_sum(start: int, stop: int, chunk_mask: torch.Tensor) -> torch.Tensor:
         student_logps = torch.log_softmax(completion_logits(student, rows, start, stop, temperature).float(), -1)
-        teacher_logps = torch.log_softmax(TEACHER.completion_logits(rows, start, stop, temperature).float(), -1)
+        teacher_logps = torch.log_softmax(completion_logits(teacher, rows, start, stop, temperature).float(), -1)
         per_token = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
         return (per_token * chunk_mask).sum()
 
@@ -177,26 +159,23 @@ class Teacher:
                       "forward KL(teacher || student), k1 zero in expectation")
 
     @hookimpl
-    def po_setup(self, trainer, options):
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        path = options["opd_teacher"]
+    def po_setup(self, context, options):
+        student, path = context.model, options["opd_teacher"]
         if not path:
             if not hasattr(student, "disable_adapter"):
                 raise ValueError("opd_teacher is empty and the student is not a LoRA adapter: give the teacher's "
                                  "checkpoint in opd_teacher")
-            TEACHER.use(base_of=student, student=student, trainer=trainer)
+            context.register_auxiliary("teacher", AuxiliaryModel(student, adapter_off=True))
             return
-        TEACHER.use(model=load_teacher(path, student, trainer.processing_class), student=student, trainer=trainer)
+        context.register_auxiliary("teacher", AuxiliaryModel(load_teacher(path, student, context.processing_class)))
 
 
 def load_teacher(path: str, student, processing_class):
-    """The teacher from ``path``: frozen, in evaluation mode, on the student's device and dtype; refused when its
-    vocabulary is not the student's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The teacher from ``path`` on the student's device and dtype; refused when its vocabulary is not the
+    student's."""
+    from transformers import AutoTokenizer
 
-    parameter = next(student.parameters())
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=parameter.dtype).to(parameter.device).eval()
-    teacher.requires_grad_(False)
+    teacher = load_model(path, like=student)
     student_vocab = student.get_output_embeddings().weight.shape[0]
     teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
     if student_vocab != teacher_vocab:
@@ -228,14 +207,14 @@ class PureOPD:
     def po_register_methods(self, register):
         from po_registry.oracle import Dense, Objective
 
-        register("opd", components=["teacher", "opd"], side="reward", paper=PAPER,
+        register("opd", components=["teacher", "opd"], paper=PAPER,
                  summary="pure on-policy distillation: the teacher's per-token log-ratio is the reward",
                  targets="SFT's compounding errors and RL's sparse reward (a boundary case: it leaves J(theta))",
                  objective=lambda args, options: Objective(  # -KL(p_theta || p_T); opd_gamma < 1: token by token
                      not_applicable="the full-vocabulary divergence needs the student model" if options[
                          "opd_divergence"] == "full" else "", reward=0.0, kl_teacher=1.0, advantage="zero",
                      dense=(Dense("teacher", 1.0, gamma=options["opd_gamma"], clip=options["opd_clip"]),),
-                     needs={"teacher": lambda model: TEACHER.use(model=model)}))
+                     needs={"teacher": "teacher"}))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -261,14 +240,18 @@ class PureOPD:
         return returns_to_go(batch.token_rewards, gamma, mask) if gamma > 0 else batch.token_rewards * mask
 
     @hookimpl
+    def po_setup(self, context):
+        self.student = context.model  # the full divergence runs the student over the vocabulary
+
+    @hookimpl
     def po_loss_penalty(self, batch):
         if batch.options["opd_divergence"] != "full":
             return None
-        return _full_kl(batch, coefficient=1.0)
+        return _full_kl(batch, self.student, coefficient=1.0)
 
 
-def _full_kl(batch, coefficient: float) -> torch.Tensor:
-    total = full_reverse_kl(TEACHER.student, batch.inputs, batch.mask, batch.args.temperature,
+def _full_kl(batch, student, coefficient: float) -> torch.Tensor:
+    total = full_reverse_kl(student, _teacher(batch.auxiliary), batch.inputs, batch.mask, batch.args.temperature,
                             teacher_chunk(batch.options, batch.args))
     kl = batch.mean_over_processes(total, batch.mask.sum())  # the token mean over every process's micro-batch
     batch.log_metric("opd/full_reverse_kl", batch.reduce_sum(kl.detach()).item() / batch.num_processes)
@@ -276,7 +259,7 @@ def _full_kl(batch, coefficient: float) -> torch.Tensor:
 
 
 def _micro_batch_signal(batch) -> torch.Tensor:
-    return teacher_signal(batch.inputs, batch.old_logps, batch.mask, batch.options, batch.args)
+    return teacher_signal(batch.auxiliary, batch.inputs, batch.old_logps, batch.mask, batch.options, batch.args)
 
 
 class TeacherRatio:
@@ -289,10 +272,10 @@ class TeacherRatio:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Rule
 
-        register("opd-ratio", components=["teacher", "opd-ratio"], side="trajectory", paper=PAPER,
+        register("opd-ratio", components=["teacher", "opd-ratio"], paper=PAPER,
                  summary="GRPO-OPD T_A: weight each token's loss by the capped teacher/student probability ratio",
                  targets="sparse verifier reward; tokens the teacher prefers get more weight",
-                 objective=Objective(needs={"teacher": lambda model: TEACHER.use(model=model)}, token_weights=(Rule(
+                 objective=Objective(needs={"teacher": "teacher"}, token_weights=(Rule(
                      "teacher ratio weights min(exp(lambda r_t), cap)", lambda world, options: torch.exp(
                          options["opd_lambda"] * world.teacher_log_ratio(options["opd_clip"])).clamp(
                          max=options["opd_ratio_cap"])),)))
@@ -318,11 +301,11 @@ class TeacherAdvantage:
     def po_register_methods(self, register):
         from po_registry.oracle import Dense, Objective
 
-        register("opd-advantage", components=["teacher", "opd-advantage"], side="reward", paper=PAPER,
+        register("opd-advantage", components=["teacher", "opd-advantage"], paper=PAPER,
                  summary="GRPO-OPD T_B: A_{i,t} = A_i + lambda (log pi_T - log pi_old) per token",
                  targets="sparse verifier reward: dense per-token credit from a teacher",
                  objective=lambda args, options: Objective(  # each token its own log-ratio: a token-level KL
-                     kl_teacher=options["opd_lambda"], needs={"teacher": lambda model: TEACHER.use(model=model)},
+                     kl_teacher=options["opd_lambda"], needs={"teacher": "teacher"},
                      dense=(Dense("teacher", options["opd_lambda"], gamma=0.0, clip=options["opd_clip"]),)))
 
     @hookimpl
@@ -344,11 +327,11 @@ class TeacherReward:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Rule, baseline_advantage
 
-        register("opd-reward", components=["teacher", "opd-reward"], side="reward", paper=PAPER,
+        register("opd-reward", components=["teacher", "opd-reward"], paper=PAPER,
                  summary="GRPO-OPD T_C: the length-normalised teacher log-ratio is an extra reward of weight lambda",
                  targets="sparse verifier reward: in-expectation distillation on the reward side",
                  objective=lambda args, options: baseline_advantage(args).then(Objective(
-                     needs={"teacher": lambda model: TEACHER.use(model=model)},
+                     needs={"teacher": "teacher"},
                      shaping=(Rule("lambda x mean teacher log-ratio", lambda world, options: options["opd_lambda"]
                                    * world.teacher_log_ratio(options["opd_clip"]).sum(1)
                                    / world.loss_tokens.clamp(min=1.0)),))))
@@ -382,27 +365,32 @@ class TeacherKL:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Term
 
-        register("opd-kl", components=["teacher", "opd-kl"], side="trajectory", paper=PAPER,
+        register("opd-kl", components=["teacher", "opd-kl"], paper=PAPER,
                  summary="GRPO-OPD T_D: GRPO plus lambda KL(student || teacher) as a regulariser",
                  targets="sparse verifier reward: keep the student near a teacher while it optimises the reward",
                  objective=lambda args, options: Objective(  # T_D names the reverse KL, whatever the estimator
                      not_applicable="the full-vocabulary divergence needs the student model" if options[
                          "opd_divergence"] == "full" else "", kl_teacher=options["opd_lambda"],
                      terms=(Term("reverse_kl", options["opd_lambda"], against="teacher"),),
-                     needs={"teacher": lambda model: TEACHER.use(model=model)}))
+                     needs={"teacher": "teacher"}))
 
     @hookimpl
     def po_token_penalty(self, batch):
         if batch.options["opd_divergence"] == "full":
             return None
-        teacher = TEACHER.token_logps(batch.inputs, batch.args.temperature, teacher_chunk(batch.options, batch.args))
+        teacher = teacher_token_logps(batch.auxiliary, batch.inputs, batch.args.temperature,
+                                      teacher_chunk(batch.options, batch.args))
         kl = kl_estimate(batch.logps, teacher, batch.options["opd_kl_estimator"])
         # logged: k3, an unbiased estimate of KL(pi_theta || pi_T) whichever estimator drives the gradient
         batch.log_metric("opd/teacher_kl", batch.global_masked_mean(kl_estimate(batch.logps.detach(), teacher, "k3")))
         return current_lambda(batch) * kl
 
     @hookimpl
+    def po_setup(self, context):
+        self.student = context.model  # the full divergence runs the student over the vocabulary
+
+    @hookimpl
     def po_loss_penalty(self, batch):
         if batch.options["opd_divergence"] != "full":
             return None
-        return _full_kl(batch, coefficient=current_lambda(batch))
+        return _full_kl(batch, self.student, coefficient=current_lambda(batch))

@@ -7,12 +7,16 @@ import warnings
 
 import pytest
 import torch
-from po_registry_opd import TEACHER, full_reverse_kl, load_teacher, rollout_signal, scheduled_lambda, teacher_signal
+import po_registry_opd
+from po_registry_opd import full_reverse_kl, load_teacher, rollout_signal, scheduled_lambda, teacher_signal, \
+    teacher_token_logps
 
 from po_registry.builtin.grpo import GroupAdvantage
+from po_registry.context import AuxiliaryModel
 from po_registry.errors import CouplingWarning
 from po_registry.registry import get_registry
-from po_registry.testing import PluginConformance, char_tokenizer, default_args, partial_credit, tiny_causal_lm
+from po_registry.testing import (PluginConformance, char_tokenizer, default_args, loss_batch, partial_credit,
+                                 reward_batch, tiny_causal_lm)
 
 TEACHER_DIR = tempfile.mkdtemp(prefix="po-opd-teacher-")
 tiny_causal_lm(char_tokenizer(), seed=1).save_pretrained(TEACHER_DIR)  # a different model with the same vocabulary
@@ -25,10 +29,23 @@ def _teacher_model():
     return AutoModelForCausalLM.from_pretrained(TEACHER_DIR).eval()
 
 
-@pytest.fixture(autouse=True)
-def tiny_teacher():
-    """Synthetic batches have no trainer: load the teacher directly (trainer tests load theirs in po_setup)."""
-    TEACHER.use(model=_teacher_model())
+TEACHER_MODEL = _teacher_model()
+
+
+def _auxiliary() -> dict:
+    """Synthetic batches have no trainer: the teacher as its po_setup registers it (a fresh one, no outputs kept)."""
+    return {"teacher": AuxiliaryModel(TEACHER_MODEL)}
+
+
+@pytest.fixture
+def po_reward_batch():
+    """The kit's factory, with this run's teacher among the batch's auxiliary models."""
+    return lambda **kwargs: reward_batch(**{"auxiliary": _auxiliary(), **kwargs})
+
+
+@pytest.fixture
+def po_loss_batch():
+    return lambda **kwargs: loss_batch(**{"auxiliary": _auxiliary(), **kwargs})
 
 
 def _component(name):
@@ -47,7 +64,7 @@ def _teacher_logps(rows):
     ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
     attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
     with torch.no_grad():
-        logits = TEACHER.model(input_ids=ids, attention_mask=attention).logits
+        logits = TEACHER_MODEL(input_ids=ids, attention_mask=attention).logits
     width, prompt = rows["completion_ids"].shape[1], rows["prompt_ids"].shape[1]
     logps = torch.log_softmax(logits[:, prompt - 1 : prompt - 1 + width], dim=-1)
     return logps.gather(-1, rows["completion_ids"].unsqueeze(-1)).squeeze(-1)
@@ -58,11 +75,17 @@ class TestOPDConformance(PluginConformance):
     options = OPTIONS
     metrics = ("opd/reverse_kl",)
 
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary.update(_auxiliary())
+
 
 class TestRatioConformance(PluginConformance):
     method = "opd-ratio"
     options = OPTIONS
     metrics = ("opd/ratio_weight_mean", "opd/lambda")
+
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary.update(_auxiliary())
 
 
 class TestAdvantageConformance(PluginConformance):
@@ -70,11 +93,17 @@ class TestAdvantageConformance(PluginConformance):
     options = OPTIONS
     metrics = ("opd/reverse_kl",)
 
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary.update(_auxiliary())
+
 
 class TestRewardConformance(PluginConformance):
     method = "opd-reward"
     options = OPTIONS
     metrics = ("opd/reverse_kl",)
+
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary.update(_auxiliary())
 
 
 class TestKLConformance(PluginConformance):
@@ -82,22 +111,25 @@ class TestKLConformance(PluginConformance):
     options = OPTIONS
     metrics = ("opd/teacher_kl",)
 
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary.update(_auxiliary())
+
 
 def test_teacher_signal_is_the_sampled_token_log_ratio(po_reward_batch):
     _, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options=_options(), args=default_args())
     mask = batch.local["completion_mask"].float()
-    got = teacher_signal(batch.local, batch.policy_logps(), mask, _options(), batch.args)
+    got = teacher_signal(batch.auxiliary, batch.local, batch.policy_logps(), mask, _options(), batch.args)
     expected = (_teacher_logps(batch.local) - batch.policy_logps()) * mask
     assert torch.allclose(got, expected, atol=1e-5)
-    clipped = teacher_signal(batch.local, batch.policy_logps(), mask, _options(opd_clip=0.5), batch.args)
+    clipped = teacher_signal(batch.auxiliary, batch.local, batch.policy_logps(), mask, _options(opd_clip=0.5),
+                             batch.args)
     assert torch.allclose(clipped, expected.clamp(-0.5, 0.5), atol=1e-5)
 
 
 def test_teacher_runs_in_chunks_of_rows_with_the_same_result(po_reward_batch):
     _, batch = po_reward_batch(group_size=4, num_groups=3, width=5, args=default_args())
-    whole = TEACHER.token_logps(batch.local, 1.0, chunk=12)
-    TEACHER.use(model=TEACHER.model)  # drop the cache
-    assert torch.allclose(TEACHER.token_logps(batch.local, 1.0, chunk=5), whole, atol=1e-6)
+    whole = teacher_token_logps(batch.auxiliary, batch.local, 1.0, chunk=12)
+    assert torch.allclose(teacher_token_logps(_auxiliary(), batch.local, 1.0, chunk=5), whole, atol=1e-6)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
@@ -162,7 +194,8 @@ def test_kl_operator_default_is_k2_on_the_real_teacher(po_loss_batch):
 
 def _fixed_teacher(monkeypatch, teacher_logps):
     """The teacher's log-probs of the sampled tokens, given directly (the teacher model's plumbing is tested above)."""
-    monkeypatch.setattr(TEACHER, "token_logps", lambda rows, temperature, chunk: teacher_logps)
+    monkeypatch.setattr(po_registry_opd, "teacher_token_logps",
+                        lambda auxiliary, rows, temperature, chunk: teacher_logps)
 
 
 @pytest.mark.parametrize("estimator, per_token", [
@@ -225,7 +258,7 @@ def test_full_reverse_kl_in_chunks_equals_the_direct_sum(po_tiny_model_dir, po_l
     student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir)
     batch = po_loss_batch(rows=5, width=4, args=default_args())
     rows, mask = batch.inputs, batch.mask
-    chunked = full_reverse_kl(student, rows, mask, temperature=1.0, chunk=2)
+    chunked = full_reverse_kl(student, AuxiliaryModel(TEACHER_MODEL), rows, mask, temperature=1.0, chunk=2)
     chunked.backward()
     chunked_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
@@ -234,7 +267,7 @@ def test_full_reverse_kl_in_chunks_equals_the_direct_sum(po_tiny_model_dir, po_l
     prompt = rows["prompt_ids"].shape[1]
     student_logps = torch.log_softmax(student(input_ids=ids, attention_mask=attention).logits[:, prompt - 1:-1], -1)
     with torch.no_grad():
-        teacher_logps = torch.log_softmax(TEACHER.model(input_ids=ids, attention_mask=attention).logits[:, prompt - 1:-1], -1)
+        teacher_logps = torch.log_softmax(TEACHER_MODEL(input_ids=ids, attention_mask=attention).logits[:, prompt - 1:-1], -1)
     per_token = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
     direct = (per_token * mask).sum()
     direct.backward()
@@ -284,7 +317,7 @@ def test_teacher_is_frozen_on_the_students_device_and_dtype(po_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir, dtype=torch.float64)
-    teacher = load_teacher(TEACHER_DIR, student, char_tokenizer())
+    teacher = AuxiliaryModel(load_teacher(TEACHER_DIR, student, char_tokenizer())).model  # as po_setup registers it
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     assert next(teacher.parameters()).dtype == torch.float64
 

@@ -15,7 +15,7 @@ class OPO:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Rule
 
-        register("opo", components=["opo"], side="reward", paper="arXiv 2505.23585",
+        register("opo", components=["opo"], paper="arXiv 2505.23585",
                  summary="OPO: length-weighted optimal baseline b = sum |o| R / sum |o| per group",
                  targets="gradient variance: the plain group mean is not the variance-minimising baseline",
                  objective=Objective(advantage=Rule("length-weighted group baseline", lambda rewards, lengths, _:

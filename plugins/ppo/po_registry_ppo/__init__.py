@@ -7,7 +7,8 @@ A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, w
 critic's targets G_t = A_t(lambda_critic) + V_t, all over the action tokens (environment tokens inside a
 multi-turn completion are skipped, and the return flows through them). Trajectory side: the clipped value loss
 0.5 max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2) per micro-batch; the critic has its own optimizer and
-learning-rate schedule, steps with the policy's optimizer, and is saved and restored with checkpoints.
+learning-rate schedule, steps with the policy's optimizer, and is saved and restored with checkpoints (all of it
+the core's :class:`~po_registry.context.AuxiliaryModel`).
 
 VAPO: value pretraining (the policy is frozen for the first ``ppo_critic_warmup_steps`` optimizer steps while the
 critic learns the returns of the initial policy), decoupled GAE (lambda_critic = 1, length-adaptive
@@ -20,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from po_registry import hookimpl
+from po_registry.context import AuxiliaryModel, load_model
 from po_registry.ops import clipped_value_loss, gae, masked_mean, masked_whiten, outcome_token_rewards
 
 PPO_PAPER = "arXiv 1707.06347"
@@ -29,35 +31,6 @@ VAPO_PAPER = "arXiv 2504.05118"
 def length_adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
     """VAPO's lambda_policy = 1 - 1 / (alpha l) per row, clamped to [0, 1]."""
     return (1.0 - 1.0 / (alpha * lengths.float().clamp(min=1.0))).clamp(0.0, 1.0)
-
-
-def load_value_model(source: str, device, dtype, lora_r: int) -> torch.nn.Module:
-    """A causal LM checkpoint as a value model: its backbone plus a fresh scalar head on every position."""
-    from transformers import AutoConfig, AutoModelForTokenClassification
-    from transformers.utils import logging
-
-    config = AutoConfig.from_pretrained(source, num_labels=1, classifier_dropout=0.0)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the load report would list the new head and the unused LM head as problems
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(source, config=config, dtype=dtype)
-    finally:
-        logging.set_verbosity(verbosity)
-    if lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(task_type="TOKEN_CLS", r=lora_r, lora_alpha=2 * lora_r,
-                                                 target_modules="all-linear", exclude_modules=["score", "classifier"]))
-    return model.to(device)
-
-
-def broadcast_from_main_process(model: torch.nn.Module) -> None:
-    """Every process takes the main process's weights (no-op on one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
 
 
 ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
@@ -72,31 +45,22 @@ def token_values(model: torch.nn.Module, rows) -> torch.Tensor:
     return scores[:, prompt_length - 1 : prompt_length - 1 + width].float()
 
 
-class _CriticSteps(TrainerCallback):
-    """Steps the critic with the policy's optimizer; freezes the policy during value pretraining."""
+class _PretrainValues(TrainerCallback):
+    """Value pretraining: the policy's gradients are dropped for its first ``steps`` optimizer steps."""
 
-    def __init__(self, critic: Critic, policy: torch.nn.Module):
-        self.critic, self.policy = critic, policy
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.critic.start_schedule(args, state.max_steps)
+    def __init__(self, policy: torch.nn.Module, steps: int):
+        self.policy, self.steps = policy, steps
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if state.global_step < self.critic.options["ppo_critic_warmup_steps"]:
+        if state.global_step < self.steps:
             for parameter in self.policy.parameters():
                 parameter.grad = None  # AdamW skips parameters without a gradient: the policy stays as it is
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.critic.step()
 
 
 class Critic:
     """Component ``ppo-critic``: the value model, GAE advantages and the clipped value loss."""
 
     po_reads = ("token_rewards",)  # dense rewards join the outcome reward in the GAE
-
-    def __init__(self):
-        self.model = None
 
     @hookimpl
     def po_register_methods(self, register):
@@ -107,13 +71,13 @@ class Critic:
             return Objective(not_applicable="ppo_gamma < 1 (a discounted outcome) is not modelled"
                              if options["ppo_gamma"] < 1 else "", advantage="none",
                              scale="free" if options["ppo_whiten_advantages"] else "exact",
-                             needs={"value_model": lambda model: setattr(self, "model", model)})
+                             needs={"critic": "value_model"})
 
-        register("ppo", components=["ppo-critic"], side="reward", paper=PPO_PAPER,
+        register("ppo", components=["ppo-critic"], paper=PPO_PAPER,
                  summary="PPO with a learned critic: GAE advantages from a value model trained with a clipped loss",
                  targets="Monte Carlo variance of critic-free baselines; per-token credit from a value function",
                  objective=critic)
-        register("vapo", components=["ppo-critic", "positive-nll", "clip-higher"], side="both", paper=VAPO_PAPER,
+        register("vapo", components=["ppo-critic", "positive-nll", "clip-higher"], paper=VAPO_PAPER,
                  options={"ppo_critic_lambda": 1.0, "ppo_length_adaptive_alpha": 0.05, "ppo_critic_warmup_steps": 50},
                  summary="VAPO: value pretraining, decoupled and length-adaptive GAE, clip-higher, positive NLL",
                  targets="value bias on long sequences, heterogeneous lengths and sparse rewards in PPO",
@@ -149,62 +113,25 @@ class Critic:
     # -- the value model ----------------------------------------------------------------------------------------
 
     @hookimpl
-    def po_setup(self, trainer, options):
-        policy = trainer.accelerator.unwrap_model(trainer.model)
+    def po_setup(self, context, options):
+        policy = context.model
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         source = options["ppo_critic_model"] or base.config._name_or_path
         if not source:
             raise ValueError("the policy was passed as a model object without a checkpoint path: set "
                              "ppo_critic_model to the checkpoint the critic should start from")
-        self.build(source, trainer.accelerator.device, next(policy.parameters()).dtype, options)
-        broadcast_from_main_process(self.model)  # a fresh head (and LoRA) drawn per process would differ
-        self.reduce_mean = lambda t: trainer.accelerator.reduce(t, reduction="mean")
-        trainer.add_callback(_CriticSteps(self, trainer.model))
-
-    def build(self, source: str, device, dtype, options) -> None:
-        """Load the critic and its optimizer (the schedule starts with training)."""
-        self.options = options
-        self.model = load_value_model(source, device, dtype, options["ppo_critic_lora_r"])
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=options["ppo_critic_lr"], weight_decay=0.0)
-        self.scheduler, self._pending_state = None, None
-        self.reduce_mean = lambda t: t
-
-    def start_schedule(self, args, max_steps: int) -> None:
-        """The critic follows the policy's learning-rate schedule type and warm-up, scaled to its own rate."""
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=args.get_warmup_steps(max_steps),
-                                       num_training_steps=max_steps,
-                                       scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
-        if self._pending_state is not None:  # resuming: the optimizer's rates, then the schedule's position
-            self._load_optimizer_and_schedule(self._pending_state)
-            self._pending_state = None
-
-    def step(self) -> None:
-        """One critic update from the gradients the value loss left (averaged over processes)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        flat = self.reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-        for parameter, grad in zip(self.parameters, flat.split([g.numel() for g in grads])):
-            parameter.grad = grad.view_as(parameter)
-        torch.nn.utils.clip_grad_norm_(self.parameters, self.options["ppo_critic_max_grad_norm"])
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _require_model(self):
-        if self.model is None:
-            raise RuntimeError("the critic is not set up: ppo-critic needs po_setup (a PolicyOptimizationTrainer)")
-        return self.model
+        model = load_model(source, like=policy, value_head=True, lora_r=options["ppo_critic_lora_r"])
+        context.register_auxiliary("critic", AuxiliaryModel(model, learning_rate=options["ppo_critic_lr"],
+                                                            max_grad_norm=options["ppo_critic_max_grad_norm"]))
+        if options["ppo_critic_warmup_steps"]:
+            context.add_callback(_PretrainValues(context.model, options["ppo_critic_warmup_steps"]))
 
     # -- reward side: GAE -------------------------------------------------------------------------------------
 
     @hookimpl
     def po_compute_advantages(self, rewards, batch):
         options = batch.options
-        model, rows, chunk = self._require_model(), batch.local, batch.args.per_device_train_batch_size
+        model, rows, chunk = _critic(batch).model, batch.local, batch.args.per_device_train_batch_size
         with torch.no_grad():  # a micro-batch of rows at a time, as the trainer scores its own log-probs
             local = torch.cat([token_values(model, {key: rows[key][start : start + chunk] for key in ROW_KEYS})
                                for start in range(0, rows["completion_ids"].shape[0], chunk)])
@@ -240,7 +167,7 @@ class Critic:
         if "ppo_returns" not in inputs:
             raise ValueError("the micro-batch carries no value targets (ppo_returns): the advantages were not "
                              "computed by ppo-critic")
-        values = token_values(self._require_model(), inputs)
+        values = token_values(_critic(batch).model, inputs)
         mask = batch.mask * inputs["ppo_value_mask"]
         per_token = clipped_value_loss(values, inputs["ppo_old_values"], inputs["ppo_returns"],
                                        batch.options["ppo_value_clip"])
@@ -250,32 +177,11 @@ class Critic:
         batch.log_metric("ppo/value_clip_fraction", batch.global_masked_mean(clipped.float() * mask))
         return loss.to(batch.logps.dtype)
 
-    # -- checkpoints ----------------------------------------------------------------------------------------------
 
-    @hookimpl
-    def po_state_dict(self):
-        if self.model is None:
-            return None
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        weights = {name: t for name, t in self.model.state_dict().items() if name in trainable}
-        return {"critic": weights, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-
-    @hookimpl
-    def po_load_state_dict(self, state):
-        missing = set(state["critic"]) - set(self.model.state_dict())
-        if missing:
-            raise ValueError(f"the checkpoint's critic does not fit this critic (unknown weights {sorted(missing)[:3]})")
-        self.model.load_state_dict(state["critic"], strict=False)
-        if self.scheduler is None:
-            self._pending_state = state  # the schedule starts with training (after the checkpoint is read)
-        else:
-            self._load_optimizer_and_schedule(state)
-
-    def _load_optimizer_and_schedule(self, state) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+def _critic(batch) -> AuxiliaryModel:
+    if "critic" not in batch.auxiliary:
+        raise RuntimeError("the critic is not set up: ppo-critic needs po_setup (a PolicyOptimizationTrainer)")
+    return batch.auxiliary["critic"]
 
 
 class PositiveNLL:
@@ -285,7 +191,7 @@ class PositiveNLL:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, Term
 
-        register("positive-nll", components=["positive-nll"], side="trajectory", paper=VAPO_PAPER,
+        register("positive-nll", components=["positive-nll"], paper=VAPO_PAPER,
                  summary="an NLL loss on the tokens of completions whose reward reaches a threshold",
                  targets="correct samples the policy-gradient signal underuses (sparse rewards)",
                  objective=lambda args, options: Objective(terms=(Term(

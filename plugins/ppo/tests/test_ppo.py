@@ -1,17 +1,24 @@
 """PPO with a learned critic and VAPO: GAE plumbing against a reference loop, the value loss, the critic learning,
 its checkpoint, value pretraining, a LoRA critic, and end-to-end training."""
 
+import tempfile
+
 import pytest
 import torch
-from po_registry_ppo import length_adaptive_lambda, token_values
+from po_registry_ppo import Critic, length_adaptive_lambda, token_values
 
+from po_registry.context import AuxiliaryModel, load_model
 from po_registry.ops import clipped_value_loss
 from po_registry.registry import get_registry
-from po_registry.testing import PluginConformance, default_args
+from po_registry.testing import PluginConformance, char_tokenizer, default_args, tiny_causal_lm
+
+CRITIC_DIR = tempfile.mkdtemp(prefix="po-ppo-critic-")
+tiny_causal_lm(char_tokenizer()).save_pretrained(CRITIC_DIR)
 
 
-def _critic():
-    return get_registry().plugin("ppo-critic", needed_by="the tests")
+def tiny_critic() -> AuxiliaryModel:
+    """A fresh trainable value model on the tiny Llama (a trainer's ppo-critic registers its own in po_setup)."""
+    return AuxiliaryModel(load_model(CRITIC_DIR, value_head=True), learning_rate=1e-4)
 
 
 def _defaults(**overrides):
@@ -20,10 +27,9 @@ def _defaults(**overrides):
     return {**options, **overrides}
 
 
-@pytest.fixture(autouse=True)
-def tiny_critic(po_tiny_model_dir):
-    """Synthetic batches have no trainer: give the critic a tiny value model (trainer tests set up their own)."""
-    _critic().build(po_tiny_model_dir, "cpu", torch.float32, _defaults())
+@pytest.fixture
+def critic():
+    return tiny_critic()
 
 
 def _carry_value_targets(batch):
@@ -37,6 +43,9 @@ class TestConformance(PluginConformance):
     method = "ppo"
     metrics = ("ppo/value_loss", "ppo/explained_variance", "ppo/value_mean")
 
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary["critic"] = tiny_critic()
+
     def prepare_loss_batch(self, batch):
         _carry_value_targets(batch)
 
@@ -45,6 +54,9 @@ class TestVapoConformance(PluginConformance):
     method = "vapo"
     options = {"ppo_critic_warmup_steps": 0}
     metrics = ("ppo/value_loss", "positive_nll/positive_fraction", "dapo/clip_ratio_high")
+
+    def prepare_auxiliary(self, auxiliary):
+        auxiliary["critic"] = tiny_critic()
 
     def prepare_loss_batch(self, batch):
         _carry_value_targets(batch)
@@ -61,14 +73,14 @@ def _reference_gae(rewards, values, gamma, lam):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
-def test_advantages_and_targets_follow_gae_on_each_row(po_reward_batch, alpha):
+def test_advantages_and_targets_follow_gae_on_each_row(po_reward_batch, critic, alpha):
     options = _defaults(ppo_gamma=0.9, ppo_lambda=0.8, ppo_critic_lambda=1.0, ppo_whiten_advantages=False,
                         ppo_length_adaptive_alpha=alpha)
-    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args())
+    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args(),
+                                     auxiliary={"critic": critic})
     rewards[2, 0] = float("nan")  # unscorable: no advantage, no value target
     batch.token_rewards = 0.1 * torch.arange(30.0).view(6, 5) * batch.completion_mask
-    critic = _critic()
-    advantages = critic.po_compute_advantages(rewards, batch)
+    advantages = Critic().po_compute_advantages(rewards, batch)
     with torch.no_grad():
         values = token_values(critic.model, batch.local)
     for row in range(6):
@@ -98,18 +110,18 @@ def _with_environment_holes(batch):
     return holes
 
 
-def test_advantages_and_targets_flow_through_environment_holes(po_reward_batch):
+def test_advantages_and_targets_flow_through_environment_holes(po_reward_batch, critic):
     """Multi-turn rows: GAE runs over the action tokens only (textbook GAE on the compacted row), the outcome reward
     sits on the last action token, and a hole's dense reward, value and advantage count for nothing."""
     options = _defaults(ppo_gamma=0.9, ppo_lambda=0.8, ppo_critic_lambda=1.0, ppo_whiten_advantages=False)
-    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args())
+    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args(),
+                                     auxiliary={"critic": critic})
     rewards[:, 0] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     batch.local["completion_mask"][3:] = 1  # full-length rows, so that each hole sits inside a turn sequence
     batch.completion_mask[3:] = 1.0
     holes = _with_environment_holes(batch)
     batch.token_rewards = 0.1 * torch.arange(30.0).view(6, 5) * batch.local["completion_mask"]
-    critic = _critic()
-    advantages = critic.po_compute_advantages(rewards, batch)
+    advantages = Critic().po_compute_advantages(rewards, batch)
     with torch.no_grad():
         values = token_values(critic.model, batch.local)
     for row in range(3, 6):
@@ -130,38 +142,40 @@ def test_advantages_and_targets_flow_through_environment_holes(po_reward_batch):
         (r[0] + 0.9 * r[3] + 0.81 * (r[4] + 1.0)).item(), abs=1e-5)
 
 
-def test_whitening_and_value_loss_skip_environment_holes(po_reward_batch, po_loss_batch):
-    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=_defaults(), args=default_args())
+def test_whitening_and_value_loss_skip_environment_holes(po_reward_batch, po_loss_batch, critic):
+    rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=_defaults(), args=default_args(),
+                                     auxiliary={"critic": critic})
     batch.local["completion_mask"][3:] = 1
     batch.completion_mask[3:] = 1.0
     _with_environment_holes(batch)
-    advantages = _critic().po_compute_advantages(rewards, batch)
+    advantages = Critic().po_compute_advantages(rewards, batch)
     tokens = advantages[batch.completion_mask.bool()]
     assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert tokens.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
     assert (advantages[~batch.completion_mask.bool()] == 0).all()
     # the value loss: a hole's value error leaves the loss unchanged (the micro-batch mask is the loss mask)
-    loss_batch = po_loss_batch(rows=2, width=4, options=_defaults(), args=default_args(["ppo"]))
+    loss_batch = po_loss_batch(rows=2, width=4, options=_defaults(), args=default_args(["ppo"]),
+                               auxiliary={"critic": critic})
     loss_batch.mask = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     loss_batch.inputs["completion_mask"] = torch.ones(2, 4, dtype=torch.long)
     _carry_value_targets(loss_batch)
     with torch.no_grad():
-        before = _critic().po_loss_penalty(loss_batch).item()
+        before = Critic().po_loss_penalty(loss_batch).item()
         loss_batch.inputs["ppo_returns"][0, 1:3] += 100.0
-        assert _critic().po_loss_penalty(loss_batch).item() == pytest.approx(before, abs=1e-6)
+        assert Critic().po_loss_penalty(loss_batch).item() == pytest.approx(before, abs=1e-6)
 
 
-def test_whitened_advantages_have_zero_mean_and_unit_std_over_loss_tokens(po_reward_batch):
-    rewards, batch = po_reward_batch(group_size=4, num_groups=3, width=6, options=_defaults(), args=default_args())
-    advantages = _critic().po_compute_advantages(rewards, batch)
+def test_whitened_advantages_have_zero_mean_and_unit_std_over_loss_tokens(po_reward_batch, critic):
+    rewards, batch = po_reward_batch(group_size=4, num_groups=3, width=6, options=_defaults(), args=default_args(),
+                                     auxiliary={"critic": critic})
+    advantages = Critic().po_compute_advantages(rewards, batch)
     tokens = advantages[batch.completion_mask.bool()]
     assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert tokens.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_values_are_read_before_each_completion_token(po_tiny_model_dir):
+def test_values_are_read_before_each_completion_token(critic):
     """V(s_t) for completion token t is the head at the last position of prompt + completion[:t]."""
-    critic = _critic()
     rows = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long),
             "completion_ids": torch.tensor([[8, 9]]), "completion_mask": torch.ones(1, 2, dtype=torch.long)}
     with torch.no_grad():
@@ -190,15 +204,14 @@ def _with_a_hole(batch):
     return row
 
 
-def test_value_loss_trains_only_the_critic(po_loss_batch):
+def test_value_loss_trains_only_the_critic(po_loss_batch, critic):
     """The value loss, written out: 0.5 max((V - G)^2, (V_old + clip(V - V_old, -0.2, 0.2) - G)^2) averaged over the
     loss tokens (one of them an environment hole, left out); its value and its gradient on every critic weight equal
     those of this expression, and no gradient reaches the policy's log-probs."""
-    critic = _critic()
-    batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]))
+    batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]), auxiliary={"critic": critic})
     _with_a_hole(batch)
     _carry_value_targets(batch)
-    loss = critic.po_loss_penalty(batch)
+    loss = Critic().po_loss_penalty(batch)
     loss.backward()
     assert batch.logps.grad is None
     values = token_values(critic.model, batch.inputs)
@@ -213,10 +226,10 @@ def test_value_loss_trains_only_the_critic(po_loss_batch):
         assert torch.allclose(p.grad if p.grad is not None else torch.zeros_like(p), g, atol=1e-6)
 
 
-def test_missing_value_targets_are_an_error(po_loss_batch):
-    batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]))
+def test_missing_value_targets_are_an_error(po_loss_batch, critic):
+    batch = po_loss_batch(options=_defaults(), args=default_args(["ppo"]), auxiliary={"critic": critic})
     with pytest.raises(ValueError, match="no value targets"):
-        _critic().po_loss_penalty(batch)
+        Critic().po_loss_penalty(batch)
 
 
 def test_positive_nll_on_positive_rows_only(po_loss_batch):
@@ -237,8 +250,12 @@ def test_positive_nll_on_positive_rows_only(po_loss_batch):
     assert plugin.po_loss_penalty(batch).item() == 0.0
 
 
-def _critic_weights():
-    return [p.detach().clone() for p in _critic().parameters]
+def _critic(trainer) -> AuxiliaryModel:
+    return trainer.po_pipeline.auxiliary["critic"]
+
+
+def _critic_weights(trainer):
+    return [p.detach().clone() for p in _critic(trainer).parameters]
 
 
 def test_critic_learns_on_the_embedded_task(po_trainer):
@@ -254,7 +271,7 @@ def test_critic_learns_on_the_embedded_task(po_trainer):
     def error():
         mask = held_out["ppo_value_mask"]
         with torch.no_grad():
-            values = token_values(_critic().model, held_out)
+            values = token_values(_critic(trainer).model, held_out)
         return (((values - held_out["ppo_returns"]) ** 2 * mask).sum() / mask.sum()).item()
 
     before = error()
@@ -269,20 +286,20 @@ def test_critic_learns_on_the_embedded_task(po_trainer):
 def test_value_pretraining_freezes_the_policy(po_trainer):
     trainer = po_trainer(["vapo"], {"ppo_critic_warmup_steps": 2}, embedded=True, max_steps=2, learning_rate=1e-3)
     policy = [p.detach().clone() for p in trainer.model.parameters()]
-    critic = _critic_weights()
+    critic = _critic_weights(trainer)
     trainer.train()
     assert all(p.equal(q) for p, q in zip(policy, trainer.model.parameters())), "the policy moved during warm-up"
-    assert any(not p.equal(q) for p, q in zip(critic, _critic().parameters)), "the critic did not learn"
+    assert any(not p.equal(q) for p, q in zip(critic, _critic(trainer).parameters)), "the critic did not learn"
 
 
 def test_lora_critic(po_trainer):
     trainer = po_trainer(["ppo"], {"ppo_critic_lora_r": 4}, max_steps=1)
-    model = _critic().model
+    model = _critic(trainer).model
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name or "score" in name for name in trainable)
-    before = _critic_weights()
+    before = _critic_weights(trainer)
     trainer.train()
-    assert any(not p.equal(q) for p, q in zip(before, _critic().parameters))
+    assert any(not p.equal(q) for p, q in zip(before, _critic(trainer).parameters))
 
 
 def test_resume_restores_the_critic_exactly(po_trainer, tmp_path):
@@ -290,13 +307,13 @@ def test_resume_restores_the_critic_exactly(po_trainer, tmp_path):
     straight = po_trainer(["ppo"], output_dir=str(tmp_path / "straight"), **flags)
     straight.train()
     expected_policy = [p.detach().clone() for p in straight.model.parameters()]
-    expected_critic = _critic_weights()
-    expected_lr = _critic().scheduler.get_last_lr()
+    expected_critic = _critic_weights(straight)
+    expected_lr = _critic(straight).scheduler.get_last_lr()
 
     first = po_trainer(["ppo"], output_dir=str(tmp_path / "resumed"), **flags)
     first.train()  # to step 4 as well, leaving checkpoint-2 behind; the critic ends in step 4's state
     resumed = po_trainer(["ppo"], output_dir=str(tmp_path / "resumed"), **flags)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(expected_policy, resumed.model.parameters()))
-    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(expected_critic, _critic().parameters))
-    assert _critic().scheduler.get_last_lr() == pytest.approx(expected_lr)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(expected_critic, _critic(resumed).parameters))
+    assert _critic(resumed).scheduler.get_last_lr() == pytest.approx(expected_lr)

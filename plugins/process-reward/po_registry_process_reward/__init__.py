@@ -41,7 +41,7 @@ class ProcessReward:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, process_supervision
 
-        register("process-reward", components=["process-reward"], side="reward", paper="arXiv 2402.03300 (§4.1.3)",
+        register("process-reward", components=["process-reward"], paper="arXiv 2402.03300 (§4.1.3)",
                  summary="process rewards: per-step or per-token rewards normalised per group, summed to the end",
                  targets="coarse outcome credit: one scalar for every token of a long answer",
                  objective=Objective(group_dense=(process_supervision("process_reward_function"),)))

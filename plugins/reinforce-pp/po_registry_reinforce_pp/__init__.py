@@ -23,7 +23,7 @@ class ReinforcePP:
     def po_register_methods(self, register):
         from po_registry.oracle import Dense, Objective
 
-        register(self.name, components=[self.name], replaces=["reference-kl"], side="reward", paper=PAPER,
+        register(self.name, components=[self.name], replaces=["reference-kl"], paper=PAPER,
                  summary=self.summary,
                  targets="prompt-local normalisation is biased and overfits; A explodes when the group std is ~0",
                  objective=lambda args, options: Objective(  # whitened over the batch: a batch-set scale

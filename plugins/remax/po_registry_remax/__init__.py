@@ -22,7 +22,7 @@ class ReMax:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("remax", components=["remax"], side="reward", paper=PAPER,
+        register("remax", components=["remax"], paper=PAPER,
                  summary="ReMax: the reward of a greedy decode of the same prompt is the baseline",
                  targets="REINFORCE's variance, without a critic (one extra greedy generation per prompt)",
                  objective=Objective(advantage="greedy"))

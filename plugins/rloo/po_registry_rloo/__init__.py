@@ -24,7 +24,7 @@ class RLOO:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("rloo", components=["rloo"], side="reward",
+        register("rloo", components=["rloo"],
                  summary="RLOO: leave-one-out baseline, each completion against the mean of its siblings",
                  targets="the group mean includes the sample itself, biasing GRPO's baseline", paper="arXiv 2402.14740",
                  objective=lambda args, options: Objective(  # normalised over the batch: a batch-set scale

@@ -21,7 +21,7 @@ class RolloutCorrection:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective
 
-        register("rollout-correction", components=["rollout-correction"], side="trajectory",
+        register("rollout-correction", components=["rollout-correction"],
                  summary="truncated (TIS) or masked (MIS) importance sampling for sampler/trainer mismatch",
                  targets="the rollout engine's probabilities differ from the trainer's: on-policy RL is off-policy",
                  paper="https://fengyao.notion.site/off-policy-rl; IcePop",

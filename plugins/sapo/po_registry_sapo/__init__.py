@@ -19,7 +19,6 @@ class SAPO:
         register(
             "sapo",
             components=["sapo"],
-            side="trajectory",
             summary="SAPO: a smooth sigmoid gate on the ratio instead of a hard clip",
             targets="hard clipping zeroes gradients abruptly and discards informative off-policy tokens",
             paper="arXiv 2511.20347",

@@ -61,7 +61,7 @@ class TurnAdvantage:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, mt_grpo_turn_credit
 
-        register("turn-advantage", components=["turn-advantage"], side="reward", paper=MT_GRPO,
+        register("turn-advantage", components=["turn-advantage"], paper=MT_GRPO,
                  summary="MT-GRPO: outcome advantage plus a turn-level advantage from per-turn rewards",
                  targets="delayed feedback: every turn of an episode gets the same credit under outcome rewards",
                  # J = E[sum_k r_k] (the outcome is the sum of the turn rewards); the outcome z-score on every token,
@@ -90,7 +90,7 @@ class GiGPO:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, gigpo_step_credit
 
-        register("gigpo", components=["gigpo"], side="reward", paper=GIGPO,
+        register("gigpo", components=["gigpo"], paper=GIGPO,
                  summary="GiGPO: episode advantage plus step advantages over anchor states shared within a group",
                  targets="coarse credit in long episodes, without a critic or extra rollouts",
                  # The episode z-score on every token, plus omega times each step's discounted return z-scored
@@ -147,7 +147,7 @@ class TurnReturn:
     def po_register_methods(self, register):
         from po_registry.oracle import Objective, turn_return_credit
 
-        register("turn-return", components=["turn-return"], side="reward", paper=MT_GRPO,
+        register("turn-return", components=["turn-return"], paper=MT_GRPO,
                  summary="discounted return over turns: each turn credited with the rewards from that turn on",
                  targets="delayed feedback: early turns credited with rewards they could not influence",
                  # Reward-to-go over turns with the group's same-turn returns as baseline: std scaling, and with
