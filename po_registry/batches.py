@@ -146,12 +146,13 @@ class LossBatch:
     gather_ragged: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # concatenate 1-D tensors of any length
 
     @property
-    def tokens_per_step(self) -> torch.Tensor:
-        """Loss tokens one process contributes to an optimizer step: the normaliser of a token-level mean over
-        the whole step (DAPO's), exact across gradient accumulation and processes."""
+    def tokens_per_micro_batch(self) -> torch.Tensor:
+        """Loss tokens of the whole optimizer step (every process, every micro-batch) per micro-batch of one
+        process: the normaliser that makes a micro-batch's token sum, once the pipeline divides by the accumulation
+        steps, a token mean over the step (DAPO's), exact across gradient accumulation and processes."""
         tokens = self.num_items_in_batch.clamp(min=1.0) / self.num_processes
         if self.training:  # the count spans the generation batch, split over steps_per_generation micro-batches
-            tokens = tokens * self.accumulation_steps / self.steps_per_generation
+            tokens = tokens / self.steps_per_generation
         return tokens
 
     def token_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,11 @@ import pluggy
 PROJECT = "po_registry"
 # A plugin may declare the version of this specification it was written for as ``po_registry_api = 1``
 # (a module or class attribute); the registry refuses versions it does not support.
-API_VERSION = 1
-SUPPORTED_API_VERSIONS = frozenset({1})
+API_VERSION = 2
+SUPPORTED_API_VERSIONS = frozenset({2})
+# What each version changed, for the message refusing a plugin written for an older one.
+API_CHANGES = {2: "po_setup receives a RunContext instead of the trainer, and po_aggregate_loss returns the "
+                  "micro-batch's loss unscaled (the pipeline divides by the accumulation steps)"}
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -67,28 +70,43 @@ def component_attribute_faults(plugin) -> list[str]:
 
 Side = Literal["reward", "trajectory", "lifecycle"]
 Combine = Literal["single", "fold", "product", "sum", "all", "max", "each"]
+# What a stage returns; the pipeline checks every implementation's result against it and names the plugin otherwise.
+OUTPUTS = {
+    "reward_matrix": "(N, K) float like the rewards it received, NaN allowed (unscored), no inf",
+    "local_tokens": "(B, T) float on this process's rows, finite",
+    "advantages": "(N,) or (N, T) float, finite",
+    "row_keep": "(N,) bool",
+    "group_keep": "(N // G,) bool",
+    "rounds": "an int >= 0",
+    "tokens": "(B, T) or (B, 1) float, finite",
+    "scalar": "a 0-d float tensor, finite",
+}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """How the trainer treats a hook: which factor it changes, how several implementations combine, and the short
-    name a method selector uses for it (``--method dapo:-aggregation``)."""
+    """How the pipeline runs a hook, all of it read from here: the factor it changes (``side``), how several
+    implementations combine (``combine``: one owner, folded, summed, multiplied, intersected, the largest), what each
+    returns (``output``, one of :data:`OUTPUTS`; None always means "no contribution" for a composable stage) and the
+    short name a method selector uses for it (``--method dapo:-aggregation``). Stages run in the order of this
+    module."""
 
     side: Side
     combine: Combine
     name: str = ""
+    output: str = ""
 
     @property
     def single_owner(self) -> bool:
         return self.combine == "single"
 
 
-def stage(side: Side, combine: Combine, name: str = ""):
-    """Mark a hookspec with its :class:`Stage`; single-owner stages are pluggy ``firstresult`` hooks."""
+def stage(side: Side, combine: Combine, name: str = "", output: str = ""):
+    """Mark a hookspec with its :class:`Stage`."""
 
     def mark(func):
-        func.po_stage = Stage(side, combine, name)
-        return hookspec(firstresult=combine == "single")(func)
+        func.po_stage = Stage(side, combine, name, output)
+        return hookspec(func)
 
     return mark
 
@@ -179,7 +197,7 @@ def po_load_state_dict(state):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@stage("reward", "fold", "shaping")
+@stage("reward", "fold", "shaping", "reward_matrix")
 def po_shape_rewards(rewards, batch):
     """Transform the reward matrix (reward shaping). Composable: folded in registration order.
 
@@ -192,7 +210,7 @@ def po_shape_rewards(rewards, batch):
     """
 
 
-@stage("reward", "sum", "token-rewards")
+@stage("reward", "sum", "token-rewards", "local_tokens")
 def po_token_rewards(batch):
     """Dense per-token rewards (process rewards, a teacher's log-ratio). Composable: summed.
 
@@ -203,7 +221,7 @@ def po_token_rewards(batch):
     """
 
 
-@stage("reward", "single", "advantages")
+@stage("reward", "single", "advantages", "advantages")
 def po_compute_advantages(rewards, batch):
     """Advantage estimation. Single owner.
 
@@ -222,7 +240,7 @@ def po_compute_advantages(rewards, batch):
     """
 
 
-@stage("trajectory", "all", "samples")
+@stage("trajectory", "all", "samples", "row_keep")
 def po_select_samples(rewards, batch):
     """Sample selection (overlong filtering). Composable: a completion is kept only if every plugin keeps it.
 
@@ -232,7 +250,7 @@ def po_select_samples(rewards, batch):
     """
 
 
-@stage("trajectory", "all", "groups")
+@stage("trajectory", "all", "groups", "group_keep")
 def po_select_groups(rewards, batch):
     """Group selection (what dynamic sampling needs). Composable: a group is kept only if every plugin keeps it.
 
@@ -243,7 +261,7 @@ def po_select_groups(rewards, batch):
     """
 
 
-@stage("trajectory", "max", "refill")
+@stage("trajectory", "max", "refill", "rounds")
 def po_refill_rounds(options):
     """Dynamic sampling: how many extra generation rounds the trainer may run, per generation batch, to replace
     groups dropped by :func:`po_select_groups` with fresh prompts until the batch is full again. Composable: the
@@ -258,17 +276,7 @@ def po_refill_rounds(options):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@stage("trajectory", "product", "token-mask")
-def po_token_mask(batch):
-    """Token masks (high-entropy tokens, off-policy sequences). Composable: multiplied.
-
-    ``batch``: :class:`~po_registry.LossBatch`. Return a (B, T) or (B, 1) multiplier for the per-token loss
-    (usually 0/1, no gradient), or None. A mask drops a token's loss but not its slot in the aggregation
-    denominator (TRL's semantics); to remove tokens from the denominator too, select groups on the reward side.
-    """
-
-
-@stage("trajectory", "single", "importance")
+@stage("trajectory", "single", "importance", "tokens")
 def po_log_importance_weights(batch):
     """Importance-weight granularity. Single owner.
 
@@ -278,17 +286,7 @@ def po_log_importance_weights(batch):
     """
 
 
-@stage("trajectory", "product", "correction")
-def po_rollout_correction(batch):
-    """Rollout-trainer mismatch correction (TIS, MIS). Composable: multiplied.
-
-    ``batch.sampling_logps`` (B, T) are the sampler's log-probs when it returned them (vLLM or a rollout
-    function); ``batch.importance_sampling_ratio`` is TRL's own correction when ``use_vllm`` is on.
-    Return a (B, T) or (B, 1) multiplier without gradient, or None.
-    """
-
-
-@stage("trajectory", "single", "objective")
+@stage("trajectory", "single", "objective", "tokens")
 def po_policy_objective(batch, log_weights):
     """The per-token policy objective (the clip family). Single owner.
 
@@ -298,28 +296,48 @@ def po_policy_objective(batch, log_weights):
     """
 
 
-@stage("trajectory", "sum", "token-penalty")
+@stage("trajectory", "product", "token-mask", "tokens")
+def po_token_mask(batch):
+    """Token masks (high-entropy tokens, off-policy sequences). Composable: multiplied.
+
+    ``batch``: :class:`~po_registry.LossBatch`. Return a (B, T) or (B, 1) multiplier for the per-token loss
+    (usually 0/1, no gradient), or None. A mask drops a token's loss but not its slot in the aggregation
+    denominator (TRL's semantics); to remove tokens from the denominator too, select groups on the reward side.
+    """
+
+
+@stage("trajectory", "product", "correction", "tokens")
+def po_rollout_correction(batch):
+    """Rollout-trainer mismatch correction (TIS, MIS). Composable: multiplied.
+
+    ``batch.sampling_logps`` (B, T) are the sampler's log-probs when it returned them (vLLM or a rollout
+    function); ``batch.importance_sampling_ratio`` is TRL's own correction when ``use_vllm`` is on.
+    Return a (B, T) or (B, 1) multiplier without gradient, or None.
+    """
+
+
+@stage("trajectory", "sum", "token-penalty", "tokens")
 def po_token_penalty(batch, log_weights):
     """Per-token regularisers added to the per-token loss before aggregation (a KL to the reference). Composable:
     summed. Return (B, T) or None; include the coefficient."""
 
 
-@stage("trajectory", "single", "aggregation")
+@stage("trajectory", "single", "aggregation", "scalar")
 def po_aggregate_loss(per_token_loss, batch):
     """Loss aggregation. Single owner.
 
-    ``per_token_loss``: (B, T) or (B, 1); ``batch.mask`` (B, T) is the loss mask. Return the scalar loss this
-    micro-batch contributes to the optimizer step, already scaled for gradient accumulation
-    (``batch.accumulation_steps``); :func:`po_registry.ops.aggregate` implements the standard modes and
-    ``batch.tokens_per_step`` is the normaliser of a token mean over the whole optimizer step.
+    ``per_token_loss``: (B, T) or (B, 1); ``batch.mask`` (B, T) is the loss mask. Return this micro-batch's
+    scalar loss; the pipeline divides it (and the loss penalties) by the gradient-accumulation steps, so that the
+    optimizer step averages its micro-batches. :func:`po_registry.ops.aggregate` implements the standard modes;
+    ``batch.tokens_per_micro_batch`` is the normaliser of a token mean over the whole optimizer step (DAPO's).
     """
 
 
-@stage("trajectory", "sum", "loss-penalty")
+@stage("trajectory", "sum", "loss-penalty", "scalar")
 def po_loss_penalty(batch):
     """Scalar regularisers added after aggregation (an entropy bonus). Composable: summed.
 
-    Return a 0-d tensor for one micro-batch *before* gradient-accumulation scaling (the trainer divides by
+    Return a 0-d tensor for one micro-batch *before* gradient-accumulation scaling (the pipeline divides by
     ``batch.accumulation_steps``), or None. Include the coefficient and sign (a bonus is negative).
     ``batch.rewards`` (B,) is each row's weighted reward; ``batch.inputs`` holds what the reward side carried.
     An auxiliary model's loss (a critic's value loss) may be returned here: its gradient reaches that model's

@@ -226,37 +226,35 @@ def aggregate(
     mask: torch.Tensor,
     mode: AggregationMode,
     *,
-    accumulation_steps: int = 1,
     max_completion_length: int | None = None,
-    global_tokens_per_step: torch.Tensor | float | None = None,
+    tokens_per_micro_batch: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Reduce a per-token loss to the scalar one micro-batch contributes to an optimizer step.
+    """Reduce a per-token loss to one micro-batch's scalar loss (the pipeline divides it by the accumulation steps).
 
-    Modes (the micro-batch loss is divided by ``accumulation_steps`` unless stated):
+    Modes:
       - ``seq-mean-token-mean`` (GRPO): mean over rows of each row's token mean.
       - ``token-mean`` (BNPO): token mean over the micro-batch.
       - ``seq-mean-token-sum-norm`` (Dr.GRPO): token sum / (B * max_completion_length).
-      - ``global-token-mean`` (DAPO): token sum / ``global_tokens_per_step``, the number of loss tokens one
-        process contributes to a whole optimizer step; no further accumulation scaling.
+      - ``global-token-mean`` (DAPO): token sum / ``tokens_per_micro_batch``, the loss tokens of the whole
+        optimizer step (every process, every micro-batch) per micro-batch of one process: over the step, a token
+        mean.
       - ``seq-sum`` (LUSPO): mean over rows of each row's token sum.
     """
     if mode == "seq-mean-token-mean":
-        loss = masked_mean(per_token_loss, mask, dim=-1).mean()
-    elif mode == "token-mean":
-        loss = masked_mean(per_token_loss, mask)
-    elif mode == "seq-mean-token-sum-norm":
+        return masked_mean(per_token_loss, mask, dim=-1).mean()
+    if mode == "token-mean":
+        return masked_mean(per_token_loss, mask)
+    if mode == "seq-mean-token-sum-norm":
         if max_completion_length is None:
             raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_completion_length")
-        loss = masked_sum(per_token_loss, mask) / (per_token_loss.size(0) * max_completion_length)
-    elif mode == "global-token-mean":
-        if global_tokens_per_step is None:
-            raise ValueError("aggregation 'global-token-mean' needs global_tokens_per_step")
-        return masked_sum(per_token_loss, mask) / global_tokens_per_step
-    elif mode == "seq-sum":
-        loss = masked_sum(per_token_loss, mask, dim=-1).mean()
-    else:
-        raise ValueError(f"unknown aggregation mode {mode!r}")
-    return loss / accumulation_steps
+        return masked_sum(per_token_loss, mask) / (per_token_loss.size(0) * max_completion_length)
+    if mode == "global-token-mean":
+        if tokens_per_micro_batch is None:
+            raise ValueError("aggregation 'global-token-mean' needs tokens_per_micro_batch")
+        return masked_sum(per_token_loss, mask) / tokens_per_micro_batch
+    if mode == "seq-sum":
+        return masked_sum(per_token_loss, mask, dim=-1).mean()
+    raise ValueError(f"unknown aggregation mode {mode!r}")
 
 
 def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_fraction: float,

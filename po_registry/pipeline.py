@@ -22,6 +22,7 @@ import torch
 
 from .batches import LossBatch, RewardBatch, _ignore_metric
 from .errors import CompositionError, HookError, OptionError, closest
+from . import hookspecs
 from .registry import BASELINE_METHOD, STAGE_HOOKS, Method, Registry, get_registry, stage_of
 
 
@@ -309,26 +310,50 @@ class Pipeline:
             if model.trainable and AUXILIARY_PREFIX + name in states:
                 model.load_state_dict(states[AUXILIARY_PREFIX + name])
 
+    # -- the stages: each combined and checked as its Stage in the hook specification says -------------------------
+
+    def run(self, hook: str, step: int | None, expect: Mapping[str, Any], initial: Any = None, **kwargs) -> Any:
+        """Call every implementation of stage ``hook`` in composition order and combine the results as its
+        :class:`~po_registry.hookspecs.Stage` says (``initial``: the value the first result combines with; a fold
+        passes each result on as the stage's first argument). Each result is checked against the stage's declared
+        output, with ``expect`` giving the run-time sizes (``like``: a tensor on the expected device; ``shapes``:
+        the allowed shapes). None is no contribution (an error from a single owner)."""
+        stage, fold_argument = _STAGES[hook]
+        value = initial
+        for plugin, function, argnames in self._impls[hook]:
+            result = self._invoke(hook, step, plugin, function, argnames, kwargs)
+            if result is None:
+                if stage.single_owner:
+                    raise HookError(plugin, hook, step, "returned None; the stage's single owner must return "
+                                    + hookspecs.OUTPUTS[stage.output])
+                continue
+            _check_output(stage.output, result, plugin, hook, step, expect)
+            if stage.combine in ("single", "fold"):
+                value = result
+                if fold_argument is not None:
+                    kwargs[fold_argument] = result
+            elif value is None:
+                value = result
+            elif stage.combine == "sum":
+                value = value + result
+            elif stage.combine == "product":
+                value = value * result
+            elif stage.combine == "all":
+                value = value & result
+            elif stage.combine == "max":
+                value = max(value, result)
+        return value
+
     # -- reward side --------------------------------------------------------------------------------------------
 
     def shape_rewards(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
-        for plugin, function, argnames in self._impls["po_shape_rewards"]:
-            kwargs = {"rewards": rewards, "batch": batch}
-            result = self._invoke("po_shape_rewards", batch.step, plugin, function, argnames, kwargs)
-            if result is not None:
-                _check(result, plugin, "po_shape_rewards", batch.step, like=rewards, shapes=[tuple(rewards.shape)],
-                       allow_nan=True)
-                rewards = result
-        return rewards
+        """The reward matrix folded through every shaping plugin."""
+        return self.run("po_shape_rewards", batch.step, {"like": rewards, "shapes": [tuple(rewards.shape)]},
+                        initial=rewards, rewards=rewards, batch=batch)
 
     def token_rewards(self, batch: RewardBatch, like: torch.Tensor) -> torch.Tensor | None:
         """Sum of dense (B, T) token rewards on this process's rows, or None."""
-        total = None
-        for plugin, result in self._call("po_token_rewards", batch.step, batch=batch):
-            if result is not None:
-                _check(result, plugin, "po_token_rewards", batch.step, like=like, shapes=[tuple(like.shape)])
-                total = result if total is None else total + result
-        return total
+        return self.run("po_token_rewards", batch.step, {"like": like, "shapes": [tuple(like.shape)]}, batch=batch)
 
     def greedy_baseline(self, batch: RewardBatch) -> torch.Tensor:
         """(N,) weighted reward of the greedy completions (``batch.greedy_completions``), shaped by the same
@@ -344,75 +369,54 @@ class Pipeline:
     def compute_advantages(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
         if batch.greedy_rewards is None and batch.greedy_completions is not None:
             batch.greedy_rewards = functools.cache(lambda: self.greedy_baseline(batch))
-        (plugin, result), = self._call("po_compute_advantages", batch.step, rewards=rewards, batch=batch)
         n = batch.num_rows
         shapes = [(n,)] + ([tuple(batch.completion_mask.shape)] if batch.completion_mask is not None else [])
-        _check(result, plugin, "po_compute_advantages", batch.step, like=rewards, shapes=shapes)
-        if batch.token_rewards is not None and result.dim() == 1:
+        advantages = self.run("po_compute_advantages", batch.step, {"like": rewards, "shapes": shapes},
+                              rewards=rewards, batch=batch)
+        if batch.token_rewards is not None and advantages.dim() == 1:
+            (owner,) = self.assembly.owners["po_compute_advantages"]
             dense = ", ".join(self.assembly.owners["po_token_rewards"])
-            raise HookError(plugin, "po_compute_advantages", batch.step,
+            raise HookError(owner, "po_compute_advantages", batch.step,
                             f"returned one advantage per sequence and so drops the dense token rewards of {dense}; "
                             "compose the dense reward with an advantage estimator that uses batch.token_rewards")
-        return result
+        return advantages
 
     def select_groups(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor | None:
         """Intersection of the groups every plugin keeps, (N // G,) bool, or None."""
-        return self._intersect("po_select_groups", rewards, batch, batch.num_groups)
+        return self.run("po_select_groups", batch.step, {"shapes": [(batch.num_groups,)]}, rewards=rewards,
+                        batch=batch)
 
     def select_samples(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor | None:
         """Intersection of the completions every plugin keeps, (N,) bool, or None."""
-        return self._intersect("po_select_samples", rewards, batch, batch.num_rows)
-
-    def _intersect(self, hook: str, rewards: torch.Tensor, batch: RewardBatch, size: int) -> torch.Tensor | None:
-        keep = None
-        for plugin, result in self._call(hook, batch.step, rewards=rewards, batch=batch):
-            if result is None:
-                continue
-            if not isinstance(result, torch.Tensor) or result.dtype != torch.bool or tuple(result.shape) != (size,):
-                raise HookError(plugin, hook, batch.step, f"must return a bool tensor of shape ({size},), got "
-                                f"{_describe(result)}")
-            keep = result if keep is None else keep & result
-        return keep
+        return self.run("po_select_samples", batch.step, {"shapes": [(batch.num_rows,)]}, rewards=rewards,
+                        batch=batch)
 
     def refill_rounds(self) -> int:
         """Extra generation rounds for dynamic sampling: the largest any plugin asks for (0 if none)."""
-        rounds = 0
-        for plugin, result in self._call("po_refill_rounds", None, options=self.options):
-            if result is None:
-                continue
-            if not isinstance(result, int) or isinstance(result, bool) or result < 0:
-                raise HookError(plugin, "po_refill_rounds", None, f"must return an int >= 0, got {result!r}")
-            rounds = max(rounds, result)
-        return rounds
+        return self.run("po_refill_rounds", None, {}, initial=0, options=self.options)
 
     # -- trajectory side ----------------------------------------------------------------------------------------
 
     def loss(self, batch: LossBatch) -> torch.Tensor:
-        """The micro-batch loss: objective x masks x corrections + token penalties, aggregated, + loss penalties."""
+        """The micro-batch loss: objective x masks x corrections + token penalties, aggregated, + loss penalties,
+        divided by the gradient-accumulation steps (so an optimizer step averages its micro-batches)."""
         step, B, T = batch.step, *batch.mask.shape
-        token_shapes = [(B, T), (B, 1)]
-        (plugin, log_weights), = self._call("po_log_importance_weights", step, batch=batch)
-        _check(log_weights, plugin, "po_log_importance_weights", step, like=batch.logps, shapes=token_shapes)
-        (plugin, per_token_loss), = self._call("po_policy_objective", step, batch=batch, log_weights=log_weights)
-        _check(per_token_loss, plugin, "po_policy_objective", step, like=batch.logps, shapes=token_shapes)
-        for hook in ("po_token_mask", "po_rollout_correction"):
-            for plugin, factor in self._call(hook, step, batch=batch):
-                if factor is not None:
-                    _check(factor, plugin, hook, step, like=batch.logps, shapes=token_shapes)
-                    per_token_loss = per_token_loss * factor
-        for plugin, penalty in self._call("po_token_penalty", step, batch=batch, log_weights=log_weights):
-            if penalty is not None:
-                _check(penalty, plugin, "po_token_penalty", step, like=batch.logps, shapes=token_shapes)
-                per_token_loss = per_token_loss + penalty
-        (plugin, loss), = self._call("po_aggregate_loss", step, per_token_loss=per_token_loss, batch=batch)
-        _check(loss, plugin, "po_aggregate_loss", step, like=batch.logps, shapes=[()])
-        for plugin, penalty in self._call("po_loss_penalty", step, batch=batch):
-            if penalty is not None:
-                _check(penalty, plugin, "po_loss_penalty", step, like=batch.logps, shapes=[()])
-                loss = loss + penalty / batch.accumulation_steps
-        return loss
+        tokens = {"like": batch.logps, "shapes": [(B, T), (B, 1)]}
+        log_weights = self.run("po_log_importance_weights", step, tokens, batch=batch)
+        per_token_loss = self.run("po_policy_objective", step, tokens, batch=batch, log_weights=log_weights)
+        per_token_loss = self.run("po_token_mask", step, tokens, initial=per_token_loss, batch=batch)
+        per_token_loss = self.run("po_rollout_correction", step, tokens, initial=per_token_loss, batch=batch)
+        per_token_loss = self.run("po_token_penalty", step, tokens, initial=per_token_loss, batch=batch,
+                                  log_weights=log_weights)
+        scalar = {"like": batch.logps, "shapes": [()]}
+        loss = self.run("po_aggregate_loss", step, scalar, per_token_loss=per_token_loss, batch=batch)
+        loss = self.run("po_loss_penalty", step, scalar, initial=loss, batch=batch)
+        return loss / batch.accumulation_steps
 
 
+# Each stage's spec and, for a fold, the argument each result is passed on as (the hookspec's first parameter).
+_STAGES = {hook: (stage_of(hook), next(iter(inspect.signature(getattr(hookspecs, hook)).parameters))
+                  if stage_of(hook).combine == "fold" else None) for hook in STAGE_HOOKS}
 AUXILIARY_PREFIX = "auxiliary/"  # checkpoint keys of the auxiliary models' states
 
 
@@ -429,24 +433,29 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _check(value: Any, plugin: str, hook: str, step: int, like: torch.Tensor, shapes: list[tuple],
-           allow_nan: bool = False) -> None:
-    """A hook's tensor must be floating point, on the batch's device, of an allowed shape and finite."""
+def _check_output(output: str, value: Any, plugin: str, hook: str, step: int | None,
+                  expect: Mapping[str, Any]) -> None:
+    """A stage's result against its declared output (:data:`po_registry.hookspecs.OUTPUTS`): a count, a bool mask,
+    or a floating-point tensor on the batch's device, of an allowed shape, finite (NaN allowed in a reward matrix)."""
     problem = None
-    if not isinstance(value, torch.Tensor):
+    shapes = expect.get("shapes", [])
+    if output == "rounds":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problem = f"must return an int >= 0, got {value!r}"
+    elif output in ("row_keep", "group_keep"):
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or tuple(value.shape) not in shapes:
+            problem = f"must return a bool tensor of shape {shapes[0]}, got {_describe(value)}"
+    elif not isinstance(value, torch.Tensor):
         problem = f"must return a tensor, got {_describe(value)}"
     elif not value.is_floating_point():
         problem = f"must return a floating-point tensor, got dtype {value.dtype}"
-    elif value.device != like.device:
-        problem = f"returned a tensor on {value.device}, expected {like.device}"
+    elif value.device != expect["like"].device:
+        problem = f"returned a tensor on {value.device}, expected {expect['like'].device}"
     elif tuple(value.shape) not in shapes:
-        expected = " or ".join(str(s) for s in shapes)
-        problem = f"returned shape {tuple(value.shape)}, expected {expected}"
-    elif allow_nan and torch.isinf(value).any():
+        problem = f"returned shape {tuple(value.shape)}, expected {' or '.join(str(s) for s in shapes)}"
+    elif output == "reward_matrix" and torch.isinf(value).any():
         problem = "returned inf values"
-    elif not allow_nan and not torch.isfinite(value).all():
-        bad = "NaN" if torch.isnan(value).any() else "inf"
-        problem = f"returned {bad} values"
+    elif output != "reward_matrix" and not torch.isfinite(value).all():
+        problem = f"returned {'NaN' if torch.isnan(value).any() else 'inf'} values"
     if problem is not None:
         raise HookError(plugin, hook, step, problem)
-

@@ -200,8 +200,11 @@ class Registry:
         api = getattr(plugin, "po_registry_api", hookspecs.API_VERSION)
         if api not in hookspecs.SUPPORTED_API_VERSIONS:
             supported = ", ".join(map(str, sorted(hookspecs.SUPPORTED_API_VERSIONS)))
+            changes = "; ".join(f"version {version}: {change}" for version, change in
+                                sorted(hookspecs.API_CHANGES.items()) if isinstance(api, int) and version > api)
             self._load_faults.setdefault(name, []).append(
-                f"written for hook specification version {api}; this po-registry supports {supported}")
+                f"written for hook specification version {api}; this po-registry supports {supported}"
+                + (f" ({changes})" if changes else ""))
 
     def register(self, plugin: Any, name: str, distribution: str = "(registered at run time)") -> None:
         """Register a plugin class or object by hand (notebooks, tests): the same as an entry point named ``name``."""

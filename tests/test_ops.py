@@ -113,11 +113,8 @@ MASK = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     ],
 )
 def test_aggregation_modes(mode, expected):
-    got = aggregate(LOSS, MASK, mode, max_completion_length=5, global_tokens_per_step=8.0)
+    got = aggregate(LOSS, MASK, mode, max_completion_length=5, tokens_per_micro_batch=8.0)
     assert got.item() == pytest.approx(expected)
-    if mode != "global-token-mean":  # the global mode carries the accumulation in its token count
-        halved = aggregate(LOSS, MASK, mode, accumulation_steps=2, max_completion_length=5, global_tokens_per_step=8.0)
-        assert halved.item() == pytest.approx(expected / 2)
 
 
 def test_aggregation_of_length_one_and_fully_masked_rows():
@@ -131,11 +128,11 @@ def test_aggregation_of_length_one_and_fully_masked_rows():
 def test_global_token_mean_is_exact_over_accumulated_micro_batches():
     """Two micro-batches of one optimizer step sum to the token mean of the whole batch. Loss tokens (9 marks an
     environment hole, never counted): micro-batch 1 holds 1, 2, 3 and micro-batch 2 holds 4, 5, 6, 7, so 7 tokens
-    in the step: the parts are 6 / 7 and 22 / 7, summing to 28 / 7 = 4 (a per-micro-batch token mean would give
-    2 + 5.5 = 7.5, halved under accumulation 2: 3.75)."""
+    in the step, 3.5 per micro-batch; each part divided by the 2 accumulation steps (as the pipeline does) is 6 / 7
+    and 22 / 7, summing to 28 / 7 = 4 (a per-micro-batch token mean would give 2 + 5.5 = 7.5, halved: 3.75)."""
     full_loss = torch.tensor([[1.0, 9.0, 2.0], [3.0, 0.0, 0.0], [4.0, 5.0, 0.0], [6.0, 9.0, 7.0]])
     full_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
-    parts = [aggregate(full_loss[i : i + 2], full_mask[i : i + 2], "global-token-mean", global_tokens_per_step=7.0)
+    parts = [aggregate(full_loss[i : i + 2], full_mask[i : i + 2], "global-token-mean", tokens_per_micro_batch=3.5) / 2
              for i in (0, 2)]
     assert [p.item() for p in parts] == pytest.approx([6 / 7, 22 / 7])
     assert sum(parts).item() == pytest.approx(4.0)

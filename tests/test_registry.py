@@ -202,15 +202,24 @@ def test_method_registered_twice_is_a_load_fault(plugins):
 
 
 class _FutureApi(_Advantage):
-    po_registry_api = 2
+    po_registry_api = 3
+
+
+class _FormerApi(_Advantage):
+    po_registry_api = 1
 
 
 def test_plugin_for_an_unsupported_hookspec_version_is_listed_and_refused_only_when_needed(plugins):
     from po_registry import get_registry
 
     plugins("future", _FutureApi("future"))
-    row = next(r for r in get_registry().describe() if r["name"] == "future")
-    assert row["faults"] == ["written for hook specification version 2; this po-registry supports 1"]
+    plugins("former", _FormerApi("former"))
+    rows = {r["name"]: r for r in get_registry().describe()}
+    assert rows["future"]["faults"] == ["written for hook specification version 3; this po-registry supports 2"]
+    assert rows["former"]["faults"] == ["written for hook specification version 1; this po-registry supports 2 "
+                                        "(version 2: po_setup receives a RunContext instead of the trainer, and "
+                                        "po_aggregate_loss returns the micro-batch's loss unscaled (the pipeline "
+                                        "divides by the accumulation steps))"]
     assemble(["grpo"])  # not needed: no error
     with pytest.raises(PluginLoadError, match="needs plugin 'future', which has load faults: written for hook"):
         assemble(["future"])

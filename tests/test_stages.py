@@ -256,3 +256,22 @@ def test_resumed_run_continues_exactly_as_the_uninterrupted_one(plugins, po_trai
     assert len(resumed_losses) == 4 and resumed_losses == pytest.approx(straight_losses, abs=1e-6)
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_training_step_runs_the_stages_in_the_order_of_the_specification(po_trainer, monkeypatch):
+    """The hook specification is the order: one optimizer step (with a refill-capable method) calls the stages
+    in the order hookspecs.py declares them, each through the one runner."""
+    from po_registry.pipeline import Pipeline
+    from po_registry.registry import STAGE_HOOKS
+
+    called = []
+    run = Pipeline.run
+
+    def recording(self, hook, *args, **kwargs):
+        if hook not in called:
+            called.append(hook)
+        return run(self, hook, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "run", recording)
+    po_trainer(["dynamic-sampling"], max_steps=1).train()
+    assert called == list(STAGE_HOOKS)

@@ -221,9 +221,8 @@ class LossAggregation:
             per_token_loss,
             batch.mask,
             AGGREGATION_BY_LOSS_TYPE[batch.args.loss_type],
-            accumulation_steps=batch.accumulation_steps,
             max_completion_length=batch.max_completion_length,
-            global_tokens_per_step=batch.tokens_per_step,
+            tokens_per_micro_batch=batch.tokens_per_micro_batch,
         )
 
 

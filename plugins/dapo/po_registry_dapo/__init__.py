@@ -45,7 +45,8 @@ class ClipHigher:
 
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
-        return aggregate(per_token_loss, batch.mask, "global-token-mean", global_tokens_per_step=batch.tokens_per_step)
+        return aggregate(per_token_loss, batch.mask, "global-token-mean",
+                         tokens_per_micro_batch=batch.tokens_per_micro_batch)
 
 
 class OverlongFilter:

@@ -32,5 +32,4 @@ class DrGRPO:
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
         return aggregate(per_token_loss, batch.mask, "seq-mean-token-sum-norm",
-                         accumulation_steps=batch.accumulation_steps,
                          max_completion_length=batch.max_completion_length)

@@ -20,13 +20,13 @@ def test_advantages_are_mean_centred_without_std(po_reward_batch):
 
 def test_constant_normaliser_ignores_lengths(po_loss_batch):
     """Loss tokens 1, 3, 4 (row 0, an environment hole of 9 at t = 1) and 5 (row 1, then padding): their sum over
-    B * L_max = 2 * 8, over the 2 accumulation steps: 13 / 16 / 2."""
+    B * L_max = 2 * 8: 13 / 16, whatever the accumulation steps (the pipeline divides by them)."""
     batch = po_loss_batch(rows=2, width=4)
     batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     batch.max_completion_length, batch.accumulation_steps = 8, 2
     per_token = torch.tensor([[1.0, 9.0, 3.0, 4.0], [5.0, 9.0, 9.0, 9.0]])
     loss = DrGRPO().po_aggregate_loss(per_token, batch)
-    assert loss.item() == pytest.approx((1 + 3 + 4 + 5) / (2 * 8) / 2)
+    assert loss.item() == pytest.approx((1 + 3 + 4 + 5) / (2 * 8))
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])

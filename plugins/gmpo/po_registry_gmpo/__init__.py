@@ -53,4 +53,4 @@ class GMPO:
             per_sequence = per_token_loss.squeeze(-1)
         else:
             per_sequence = masked_mean(per_token_loss, batch.mask, dim=-1)
-        return per_sequence.mean() / batch.accumulation_steps
+        return per_sequence.mean()

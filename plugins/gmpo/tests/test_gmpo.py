@@ -27,16 +27,16 @@ def test_geometric_mean_of_sign_aware_clipped_ratios(po_loss_batch):
     assert loss[1].item() == pytest.approx(math.exp(0.55))
 
 
-def test_aggregation_is_the_mean_of_sequence_losses_over_accumulation_steps(po_loss_batch):
+def test_aggregation_is_the_mean_of_sequence_losses(po_loss_batch):
     """Per-token losses: row 0 has loss tokens 1, 3, 5 around an environment hole (9), row 1 the token 2 before
-    padding (7): sequence means 3 and 2, their mean 2.5, over 2 accumulation steps 1.25. A (B, 1) loss is already
-    per sequence: (4 + 2) / 2 / 2 = 1.5."""
+    padding (7): sequence means 3 and 2, their mean 2.5, whatever the accumulation steps (the pipeline divides by
+    them). A (B, 1) loss is already per sequence: (4 + 2) / 2 = 3."""
     batch = po_loss_batch(rows=2, width=4)
     batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     batch.accumulation_steps = 2
     per_token = torch.tensor([[1.0, 9.0, 3.0, 5.0], [2.0, 7.0, 0.0, 0.0]])
-    assert GMPO().po_aggregate_loss(per_token, batch).item() == pytest.approx(1.25)
-    assert GMPO().po_aggregate_loss(torch.tensor([[4.0], [2.0]]), batch).item() == pytest.approx(1.5)
+    assert GMPO().po_aggregate_loss(per_token, batch).item() == pytest.approx(2.5)
+    assert GMPO().po_aggregate_loss(torch.tensor([[4.0], [2.0]]), batch).item() == pytest.approx(3.0)
 
 
 def test_geometric_mean_is_bounded_by_the_arithmetic_mean(po_loss_batch):

@@ -57,8 +57,7 @@ class GSPO:
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
         # (1/G) sum_i of each sequence's loss; with per-token advantages the sequence loss is its token mean.
-        return aggregate(per_token_loss, batch.mask, "seq-mean-token-mean",
-                         accumulation_steps=batch.accumulation_steps)
+        return aggregate(per_token_loss, batch.mask, "seq-mean-token-mean")
 
 
 class GSPOToken(GSPO):

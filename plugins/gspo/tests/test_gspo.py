@@ -31,14 +31,14 @@ def test_sequence_ratio_is_the_length_normalised_mean(po_loss_batch):
     assert torch.allclose(log_weights, torch.tensor([[0.2], [0.2]]))
 
 
-def test_aggregation_is_the_mean_of_sequence_losses_over_accumulation_steps(po_loss_batch):
+def test_aggregation_is_the_mean_of_sequence_losses(po_loss_batch):
     """Row 0: loss tokens 1, 3, 5 around an environment hole (9), row 1: the token 2 before padding (7): sequence
-    means 3 and 2, their mean 2.5, over 2 accumulation steps 1.25."""
+    means 3 and 2, their mean 2.5, whatever the accumulation steps (the pipeline divides by them)."""
     batch = po_loss_batch(rows=2, width=4)
     batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     batch.accumulation_steps = 2
     per_token = torch.tensor([[1.0, 9.0, 3.0, 5.0], [2.0, 7.0, 0.0, 0.0]])
-    assert GSPO().po_aggregate_loss(per_token, batch).item() == pytest.approx(1.25)
+    assert GSPO().po_aggregate_loss(per_token, batch).item() == pytest.approx(2.5)
 
 
 def test_clip_at_the_gspo_boundary(po_loss_batch):

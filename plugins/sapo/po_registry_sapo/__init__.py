@@ -39,4 +39,4 @@ class SAPO:
 
     @hookimpl
     def po_aggregate_loss(self, per_token_loss, batch):
-        return aggregate(per_token_loss, batch.mask, "seq-mean-token-mean", accumulation_steps=batch.accumulation_steps)
+        return aggregate(per_token_loss, batch.mask, "seq-mean-token-mean")
