@@ -71,6 +71,8 @@ def hook_reference(registry: Registry | None = None) -> str:
                 "",
                 f"- side: {stage.side}",
                 f"- {COMBINE[stage.combine]}",
+                *([f"- returns: {hookspecs.OUTPUTS[stage.output]}", f"- selector: `{stage.name}`"]
+                  if stage.output else []),
                 f"- built-in implementations: {', '.join(f'`{n}`' for n in implementers) or 'none'}",
                 "",
                 inspect.getdoc(func),

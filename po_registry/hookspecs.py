@@ -121,9 +121,10 @@ def po_register_methods(register):
     """Register named methods.
 
     Call ``register(name, components=[...], options={...}, summary=..., targets=..., paper=..., objective=...)``
-    once per method. Its side (reward, trajectory or both) is derived from the stage hooks its components implement. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in ``grpo``
-    baseline with each single-owner stage taken over by the component that implements it and each composable
-    component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
+    once per method; its side (reward, trajectory or both) is derived from the stage hooks its components
+    implement. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in
+    ``grpo`` baseline with each single-owner stage taken over by the component that implements it and each
+    composable component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
     baseline components the method removes (for example ``["reference-kl"]`` for a method with KL in the reward).
     ``objective`` declares what the method's loss claims to follow, for the gradient oracle of the conformance suite
     (:mod:`po_registry.oracle`): a :class:`~po_registry.oracle.Objective`, or a function ``(args, options) ->

@@ -57,6 +57,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """Bessel-corrected standard deviation ignoring NaN entries (NaN when fewer than two values)."""
+    if (x.numel() if dim is None else x.shape[dim]) > 1 and not torch.isnan(x).any():
+        return torch.std(x) if dim is None else torch.std(x, dim=dim, keepdim=keepdim)  # no NaN: one fused op
     mean = torch.nanmean(x, dim=dim, keepdim=True)
     variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
     count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)

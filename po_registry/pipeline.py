@@ -69,7 +69,8 @@ def _implemented_hooks(plugin: Any, registry: Registry) -> set[str]:
 def stage_selectors() -> dict[str, frozenset[str]]:
     """What a method selector may name: a side (``reward``, ``trajectory``), a stage's short name (``aggregation``)
     or its hook name (``po_aggregate_loss``), each mapped to the stage hooks it stands for."""
-    selectors = {side: frozenset(h for h in STAGE_HOOKS if stage_of(h).side == side) for side in ("reward", "trajectory")}
+    selectors = {side: frozenset(hook for hook in STAGE_HOOKS if stage_of(hook).side == side)
+                 for side in ("reward", "trajectory")}
     for hook in STAGE_HOOKS:
         selectors[stage_of(hook).name] = selectors[hook] = frozenset({hook})
     return selectors
@@ -117,7 +118,7 @@ def _clash_message(clashes: list[tuple[str, str, str]], brought_by: Mapping[str,
         hooks = [hook for hook, a, b in clashes if {brought_by[a], brought_by[b]} == set(pair)]
         resolutions = []
         for loser in pair:
-            own = set().union(*(hooks_ for name, hooks_ in stages.items() if brought_by[name] == loser))
+            own = set().union(*(owned for name, owned in stages.items() if brought_by[name] == loser))
             narrowed = loser
             for hook in hooks:
                 narrowed = _with_selector(narrowed, hook)
@@ -160,7 +161,7 @@ def assemble(
             components[component] = plugin
             brought_by.setdefault(component, spec)
             stages.setdefault(component, set()).update(kept)
-        if not kept_any:
+        if allowed is not None and not kept_any:
             raise CompositionError(f"method {spec!r} keeps no stage: its selector leaves none of the stages its "
                                    "components implement")
 

@@ -436,6 +436,22 @@ class Processes:
     def main_first(self):
         return contextlib.nullcontext() if self.state is None else self.state.main_process_first()
 
+    def finish(self, code: int) -> int:
+        """End of a launch of several processes: all of them finish together, the process group is torn down and
+        each process leaves at once. (One that exits while gloo's threads are alive, the main process still writing,
+        can abort in the interpreter's teardown: "terminate called without an active exception", and the launcher
+        then kills the others.) With one process: ``code``."""
+        if self.state is None:
+            return code
+        import torch.distributed as dist
+
+        self.state.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
 
 def train(args) -> int:
     import torch
@@ -517,7 +533,8 @@ def train(args) -> int:
         model.generation_config.eos_token_id = known + [t for t in task.end_token_ids() if t not in known]
     processes.wait()  # every process has checked everything before the main one writes
     if not processes.main:
-        return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from, main=False)
+        return processes.finish(_fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from,
+                                     main=False))
     # Everything is valid: from here on the run directory is written.
     written = _RunDirectory(run_dir)
     # The settings that reproduce the run; values derived from them (max_steps, save_steps, ...) are left out
@@ -526,7 +543,7 @@ def train(args) -> int:
                 **TRAINER_DEFAULTS, **trainer_overrides, "method_options": config.method_options}
     _write_yaml(run_dir / "config.yaml", resolved)
     try:
-        return _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from)
+        code = _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_from)
     except BaseException as exc:
         if _last_checkpoint(run_dir) is None:
             written.remove()  # nothing was trained: leave nothing behind
@@ -542,6 +559,7 @@ def train(args) -> int:
             return 130
         print(f"po-registry train: the run failed ({first_line(exc)}); {where}", file=sys.stderr)
         raise
+    return processes.finish(code)
 
 
 class _RunDirectory:

@@ -108,6 +108,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
 
     def _gather_padded(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate (B, T) tensors of all processes, right-padding T to the longest with zeros."""
+        if self.accelerator.num_processes == 1:  # nothing to gather: skip the collective's bookkeeping (every step)
+            return tensor
         return self.accelerator.gather(self.accelerator.pad_across_processes(tensor, dim=1, pad_index=0))
 
     def _gather_ragged(self, values: torch.Tensor) -> torch.Tensor:
@@ -150,9 +152,10 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         """(N,) completion lengths and (N,) truncation flags (no stop token at the end), gathered over processes."""
         stop_ids = {*self.eos_token_ids, self._tokenizer.pad_token_id}
         lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)
-        truncated = torch.tensor([int(not ids or ids[-1] not in stop_ids) for ids in completion_ids_list],
-                                 device=device)
-        return self.accelerator.gather(lengths), self.accelerator.gather(truncated).bool()
+        truncated = torch.tensor([not ids or ids[-1] not in stop_ids for ids in completion_ids_list], device=device)
+        if self.accelerator.num_processes == 1:
+            return lengths, truncated
+        return self.accelerator.gather(lengths), self.accelerator.gather(truncated.long()).bool()
 
     def _generate_and_score_completions(self, inputs):
         out, kept_groups = self._score_round(inputs)

@@ -101,7 +101,8 @@ def test_a_stage_selector_removes_one_stage_and_the_baseline_takes_it_back():
     assert both.owners["po_shape_rewards"] == [] and both.owners["po_aggregate_loss"] == ["loss-aggregation"]
 
 
-@pytest.mark.parametrize("methods", [["dapo", "gspo"], ["gspo", "dr-grpo"], ["cispo", "dr-grpo"], ["sapo", "dual-clip"]])
+@pytest.mark.parametrize("methods", [["dapo", "gspo"], ["gspo", "dr-grpo"], ["cispo", "dr-grpo"],
+                                     ["sapo", "dual-clip"]])
 def test_a_refused_composition_prints_the_selectors_that_resolve_it(methods):
     """Every clash between the two methods is named with both owners, and both suggested compositions assemble: one
     method narrowed by a selector, or left out where the clash is all it brings (dual-clip is only an objective)."""

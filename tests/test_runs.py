@@ -50,3 +50,24 @@ def test_trainers_in_one_process_keep_their_own_components_and_models(po_trainer
     assert _moved(one, critic_one) and critic_one.scheduler is not None
     assert all(torch.isfinite(torch.tensor(row["loss"])) for t in (first, second, distil)
                for row in t.state.log_history if "loss" in row)
+
+
+def test_a_frozen_auxiliary_model_runs_without_gradient_and_computes_a_batch_once():
+    from po_registry.context import AuxiliaryModel
+
+    model = torch.nn.Linear(3, 2)
+    frozen = AuxiliaryModel(model)
+    assert not model.training and not any(p.requires_grad for p in model.parameters()) and not frozen.trainable
+    out = frozen(torch.ones(1, 3))
+    assert not out.requires_grad
+    calls = []
+    key, other = torch.zeros(2), torch.zeros(2)
+
+    def compute():
+        calls.append(1)
+        return torch.tensor(float(len(calls)))
+
+    assert frozen.outputs(key, compute).item() == 1.0 and frozen.outputs(key, compute).item() == 1.0
+    assert frozen.outputs(other, compute).item() == 2.0  # an equal tensor that is another batch's: computed again
+    trained = AuxiliaryModel(torch.nn.Linear(3, 2), learning_rate=0.1)
+    assert trained.trainable and trained(torch.ones(1, 3)).requires_grad and len(trained.parameters) == 2
