@@ -35,6 +35,8 @@ class RewardBatch:
     process_index: int = 0
     num_processes: int = 1
     auxiliary: Mapping[str, Any] = field(default_factory=dict)  # the run's auxiliary models (RunContext)
+    # The keys the composition's components declare they carry (``po_carries``); None: unchecked (synthetic batches)
+    carries: frozenset[str] | None = None
     completion_mask: torch.Tensor | None = None  # (N, T) float loss mask; set for the advantage stage
     token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins, or None
     local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (token_rewards stage)
@@ -86,6 +88,10 @@ class RewardBatch:
         """Attach per-row values, (N,) or (N, T) over the global batch, to the rollout: this process's rows travel
         with their completions (through shuffling, micro-batching and dynamic sampling) and reach the trajectory
         side as ``LossBatch.inputs[key]``. For what a loss-side stage needs from the reward side (value targets)."""
+        if self.carries is not None and key not in self.carries:
+            declared = ", ".join(sorted(self.carries)) or "none"
+            raise ValueError(f"carry({key!r}): no component of this composition declares it in po_carries "
+                             f"(declared: {declared})")
         if values.shape[0] != self.num_rows:
             raise ValueError(f"carry({key!r}): expected {self.num_rows} rows, got {tuple(values.shape)}")
         if key in self.local:

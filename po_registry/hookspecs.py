@@ -50,6 +50,10 @@ COMPONENT_ATTRIBUTES = {
     "po_importance_level": (str, "'token' or 'sequence': the granularity of the importance weights it owns"),
     "po_reads": (tuple, "batch fields other components produce that it reads: 'token_rewards' (an advantage "
                         "estimator that adds the dense per-token rewards; assembly refuses dense rewards without one)"),
+    "po_carries": (tuple, "keys its reward-side stages attach to the rollout with RewardBatch.carry (declared: carry "
+                          "refuses any other key)"),
+    "po_uses_carried": (tuple, "carried keys its loss stages read from LossBatch.inputs; assembly refuses a "
+                               "composition in which no reward-side stage carries them"),
 }
 READABLE_FIELDS = frozenset({"token_rewards"})
 

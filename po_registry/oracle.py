@@ -751,6 +751,7 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
         completion_lengths=world.lengths[picked], truncated=truncated, max_completion_length=T,
         options=pipeline.options, args=args, local=local, rows=[dict(world.rows[s]) for s in picked.tolist()],
         policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(), auxiliary=pipeline.auxiliary,
+        carries=pipeline.assembly.carries,
         greedy_completions=lambda: _greedy_completions(world, rows))
     # The stages in the trainer's order, each seeing what the trainer gives it at that point.
     rewards = pipeline.shape_rewards(world.rewards[picked].clone(), batch)

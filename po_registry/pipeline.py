@@ -36,6 +36,7 @@ class Assembly:
     options: dict[str, Any]
     option_sources: dict[str, str] = field(default_factory=dict)  # option -> "default" | "method X" | "user"
     specs: list[str] = field(default_factory=list)  # the methods as chosen, selectors included ("dapo:-aggregation")
+    carries: frozenset[str] = frozenset()  # keys the reward-side stages of this composition may carry to the loss
 
     def importance_level(self, args) -> str:
         """'token' or 'sequence': the granularity of the importance-weight owner (a component may declare
@@ -204,8 +205,18 @@ def assemble(
             f"dense token rewards of {dense} would be dropped: the advantage estimator, plugin {advantage_owner!r} "
             f"(from method {brought_by[advantage_owner]!r}), gives one advantage per sequence and does not read "
             f"batch.token_rewards; compose them with one that does ({', '.join(readers)})")
+    reward_side = {hook for hook in STAGE_HOOKS if stage_of(hook).side == "reward"}
+    carries = frozenset(key for name, plugin in components.items() if stages[name] & reward_side
+                        for key in getattr(plugin, "po_carries", None) or ())
+    for name, plugin in components.items():
+        missing = [key for key in getattr(plugin, "po_uses_carried", None) or () if key not in carries]
+        if missing and stages[name]:
+            raise CompositionError(
+                f"plugin {name!r} (from method {brought_by[name]!r}) reads {', '.join(map(repr, missing))} from the "
+                "rollout, which no reward-side stage of this composition carries (po_carries); keep the stage that "
+                "produces it")
     values, sources = _resolve_options(chosen, components, options or {}, registry, deselected)
-    return Assembly(chosen, components, owners, values, sources, specs)
+    return Assembly(chosen, components, owners, values, sources, specs, carries)
 
 
 def _resolve_options(chosen: list[Method], components: Mapping[str, Any], user: Mapping[str, Any],

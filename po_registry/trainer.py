@@ -140,6 +140,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
             auxiliary=self.po_pipeline.auxiliary,
+            carries=self.po_pipeline.assembly.carries,
             log_metric=self._metric_logger(mode),
             processing_class=self.processing_class,
             gather=self._gather_padded,

@@ -156,3 +156,24 @@ def test_the_oracle_leaves_a_selected_composition_unchecked():
 
     result = check_method(["dr-grpo:reward", "gspo"], batches=2, rows=64)
     assert result.passed is None and "selector" in result.note
+
+
+def test_a_value_carried_from_the_reward_side_is_declared_and_its_producer_checked_at_assembly():
+    """PPO's value loss reads the targets its advantage stage carries (po_carries / po_uses_carried): a selector that
+    removes the advantage stage leaves the value loss without them, refused at assembly naming the plugin and keys;
+    at run time a key no component declared is refused by carry itself."""
+    import torch
+
+    from po_registry.testing import reward_batch
+
+    assert assemble(["ppo"]).carries == {"ppo_old_values", "ppo_returns", "ppo_value_mask"}
+    assert assemble(["grpo"]).carries == frozenset()
+    with pytest.raises(CompositionError, match=r"plugin 'ppo-critic' \(from method 'ppo:-advantages'\) reads "
+                                               r"'ppo_old_values', 'ppo_returns', 'ppo_value_mask' from the rollout"):
+        assemble(["ppo:-advantages"])
+    _, batch = reward_batch()
+    batch.carries = frozenset({"ppo_returns"})
+    batch.carry("ppo_returns", torch.zeros(batch.num_rows))
+    with pytest.raises(ValueError, match=r"carry\('value_targets'\): no component of this composition declares it "
+                                         r"in po_carries \(declared: ppo_returns\)"):
+        batch.carry("value_targets", torch.zeros(batch.num_rows))

@@ -61,6 +61,7 @@ class Critic:
     """Component ``ppo-critic``: the value model, GAE advantages and the clipped value loss."""
 
     po_reads = ("token_rewards",)  # dense rewards join the outcome reward in the GAE
+    po_carries = po_uses_carried = ("ppo_old_values", "ppo_returns", "ppo_value_mask")  # the value loss's targets
 
     @hookimpl
     def po_register_methods(self, register):
