@@ -8,7 +8,7 @@ the core, so the registry and the built-in plugins can use it at any layer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 # -- ---------------------------------------------------------------------------------

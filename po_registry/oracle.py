@@ -625,7 +625,7 @@ def declared_gradient(world: World, objective: Objective, options,
     groups = torch.tensor(list(itertools.product(range(S), repeat=G)))  # (M, G)
     probability = world.p[groups].prod(1)  # (M,)
     reward = world.weighted_reward(objective.shaping)
-    R, lengths = reward[groups], world.loss_tokens[groups]
+    R = reward[groups]
     keep = torch.ones_like(R)
     if objective.drop_truncated:
         keep = keep * ~world.truncated[groups]

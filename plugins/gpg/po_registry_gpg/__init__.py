@@ -6,8 +6,6 @@ M = completions in groups whose rewards are all equal. alpha undoes the dilution
 that carry none.
 """
 
-import torch
-
 from po_registry import hookimpl
 from po_registry.ops import aggregate, group_mean, group_std
 
