@@ -15,11 +15,15 @@ def _ignore_metric(name: str, value: float) -> None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardBatch:
     """The globally gathered generation batch, as the reward-side hooks see it.
 
-    Rows are grouped: rows ``g * G ... g * G + G - 1`` are the G completions of prompt ``g``."""
+    Rows are grouped: rows ``g * G ... g * G + G - 1`` are the G completions of prompt ``g``. A batch is built
+    whole and never changed (frozen): the shaping stage's batch has the scores' fields, the rollout batch adds the
+    rollout (``local``, ``rows``, ``completion_mask``, ``policy_logps``, ``greedy_completions``), and the pipeline
+    builds the advantage stage's batch once, adding ``token_rewards`` and ``greedy_rewards``
+    (:meth:`~po_registry.pipeline.Pipeline.score`). ``carry`` is the one way a stage hands the loss a value."""
 
     reward_names: list[str]
     reward_weights: torch.Tensor  # (K,)
@@ -37,9 +41,9 @@ class RewardBatch:
     auxiliary: Mapping[str, Any] = field(default_factory=dict)  # the run's auxiliary models (RunContext)
     # The keys the composition's components declare they carry (``po_carries``); None: unchecked (synthetic batches)
     carries: frozenset[str] | None = None
-    completion_mask: torch.Tensor | None = None  # (N, T) float loss mask; set for the advantage stage
-    token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins, or None
-    local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (token_rewards stage)
+    completion_mask: torch.Tensor | None = None  # (N, T) float loss mask of the rollout (None while shaping)
+    token_rewards: torch.Tensor | None = None  # (N, T) dense rewards summed over plugins (advantage stage), or None
+    local: Mapping[str, Any] = field(default_factory=dict)  # this process's rollout dict (empty while shaping)
     # This process's input rows, with the per-row fields a rollout function returned (multi-turn episodes).
     rows: list[dict] = field(default_factory=list)
     # (B, T) no-grad log-probs of this process's sampled tokens under the policy that sampled them; computed on
@@ -55,7 +59,7 @@ class RewardBatch:
     greedy_completions: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     # (N,) weighted reward of those greedy completions, no gradient, shaped by the same po_shape_rewards fold as
     # the samples (a baseline, as in ReMax); NaN where every reward function returned None and no shaping scored
-    # it. Set by the pipeline's advantage stage from ``greedy_completions``.
+    # it. The pipeline derives it from ``greedy_completions`` for the advantage stage.
     greedy_rewards: Callable[[], torch.Tensor] | None = None
 
     @property
@@ -118,6 +122,27 @@ class RewardBatch:
         """R = sum_k w_k r_k (N,), NaN-ignoring; a row whose every reward is NaN stays NaN."""
         total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         return total.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the reward side decides for a generation batch (global rows): the trajectory side's inputs."""
+
+    advantages: torch.Tensor  # (N,) or (N, T)
+    rewards: torch.Tensor  # (N,) weighted, shaped reward of each row (NaN: unscored)
+    keep_samples: torch.Tensor | None  # (N,) bool: the rows every po_select_samples keeps; None: no such stage
+    keep_groups: torch.Tensor | None  # (N // G,) bool: the groups every po_select_groups keeps; None: no such stage
+
+    def kept_rows(self, group_size: int) -> torch.Tensor | None:
+        """(N,) bool: the rows both selections keep; None when neither stage ran."""
+        if self.keep_samples is None and self.keep_groups is None:
+            return None
+        keep = torch.ones(self.rewards.shape[0], dtype=torch.bool, device=self.rewards.device)
+        if self.keep_samples is not None:
+            keep &= self.keep_samples
+        if self.keep_groups is not None:
+            keep &= self.keep_groups.repeat_interleave(group_size)
+        return keep
 
 
 @dataclass

@@ -220,9 +220,9 @@ def po_token_rewards(batch):
     """Dense per-token rewards (process rewards, a teacher's log-ratio). Composable: summed.
 
     Computed on this process's rows: ``batch.local`` holds ``prompt_ids`` (B, P), ``completion_ids`` (B, T),
-    ``completion_mask`` (B, T) and the rest of the rollout. Return (B, T) float or None. The trainer gathers them
-    to ``batch.token_rewards`` (N, T) before advantage estimation; the advantage estimator decides how they
-    combine with sequence-level advantages.
+    ``completion_mask`` (B, T) and the rest of the rollout (``batch.local_mask``: its loss mask). Return (B, T)
+    float or None. The pipeline gathers them to ``batch.token_rewards`` (N, T) of the advantage stage's batch; the
+    advantage estimator decides how they combine with sequence-level advantages.
     """
 
 

@@ -749,21 +749,19 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
     batch = RewardBatch(
         reward_names=list(world.reward_names), reward_weights=world.reward_weights.clone(), group_size=G,
         completion_lengths=world.lengths[picked], truncated=truncated, max_completion_length=T,
-        options=pipeline.options, args=args, local=local, rows=[dict(world.rows[s]) for s in picked.tolist()],
-        policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(), auxiliary=pipeline.auxiliary,
-        carries=pipeline.assembly.carries,
-        greedy_completions=lambda: _greedy_completions(world, rows))
+        options=pipeline.options, args=args, auxiliary=pipeline.auxiliary, carries=pipeline.assembly.carries)
     # The stages in the trainer's order, each seeing what the trainer gives it at that point.
     rewards = pipeline.shape_rewards(world.rewards[picked].clone(), batch)
-    token_rewards = pipeline.token_rewards(batch, like=loss_mask)
-    batch.completion_mask, batch.token_rewards = loss_mask, token_rewards
-    advantages = pipeline.compute_advantages(rewards, batch)
+    batch = dataclasses.replace(
+        batch, local=local, rows=[dict(world.rows[s]) for s in picked.tolist()], completion_mask=loss_mask,
+        policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(),
+        greedy_completions=lambda: _greedy_completions(world, rows))
+    scored = pipeline.score(rewards, batch)
+    advantages = scored.advantages
     if seen is not None:
         seen.update(picked=picked, advantages=advantages.detach())
-    keep = torch.ones(rows, dtype=torch.bool)
-    for selected in (pipeline.select_samples(rewards, batch), pipeline.select_groups(rewards, batch)):
-        if selected is not None:
-            keep &= selected if selected.shape[0] == rows else selected.repeat_interleave(G)
+    keep = scored.kept_rows(G)
+    keep = torch.ones(rows, dtype=torch.bool) if keep is None else keep
     kept = keep.unsqueeze(1).float()
     local["completion_mask"] = local["completion_mask"] * kept.long()
     local["tool_mask"] = local["tool_mask"] * kept.long()
@@ -774,7 +772,7 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
         mask=mask, entropies=entropies, ref_logps=ref_logps, sampling_logps=None, importance_sampling_ratio=None,
         num_items_in_batch=mask.sum(), accumulation_steps=1, steps_per_generation=1, num_processes=1,
         max_completion_length=T, options=pipeline.options, args=args, inputs=local,
-        rewards=batch.weighted_reward(rewards), auxiliary=pipeline.auxiliary)
+        rewards=scored.rewards, auxiliary=pipeline.auxiliary)
     loss = pipeline.loss(loss_batch)
     (grad,) = torch.autograd.grad(loss, theta, allow_unused=True)
     return torch.zeros_like(theta) if grad is None else -grad

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .batches import LossBatch, RewardBatch, _ignore_metric
+from .batches import LossBatch, RewardBatch, Scored, _ignore_metric
 from .errors import CompositionError, HookError, OptionError, closest
 from . import hookspecs
 from .registry import BASELINE_METHOD, STAGE_HOOKS, Method, Registry, get_registry, stage_of
@@ -363,9 +363,11 @@ class Pipeline:
         return self.run("po_shape_rewards", batch.step, {"like": rewards, "shapes": [tuple(rewards.shape)]},
                         initial=rewards, rewards=rewards, batch=batch)
 
-    def token_rewards(self, batch: RewardBatch, like: torch.Tensor) -> torch.Tensor | None:
-        """Sum of dense (B, T) token rewards on this process's rows, or None."""
-        return self.run("po_token_rewards", batch.step, {"like": like, "shapes": [tuple(like.shape)]}, batch=batch)
+    def token_rewards(self, batch: RewardBatch) -> torch.Tensor | None:
+        """Sum of dense (B, T) token rewards on this process's rows (``batch.local``), or None."""
+        like = batch.local_mask if self._impls["po_token_rewards"] else None  # no rollout needed when none runs
+        expect = {"like": like, "shapes": [] if like is None else [tuple(like.shape)]}
+        return self.run("po_token_rewards", batch.step, expect, batch=batch)
 
     def greedy_baseline(self, batch: RewardBatch) -> torch.Tensor:
         """(N,) weighted reward of the greedy completions (``batch.greedy_completions``), shaped by the same
@@ -378,9 +380,22 @@ class Pipeline:
             log_metric=_ignore_metric)
         return batch.weighted_reward(self.shape_rewards(rewards, greedy_batch))
 
+    def score(self, rewards: torch.Tensor, batch: RewardBatch) -> Scored:
+        """The reward side after shaping, in the order of the specification: dense token rewards on this process's
+        rows (gathered), advantages, sample and group selection. ``rewards``: the shaped (N, K) matrix; ``batch``:
+        the rollout batch. The advantage stage's batch is built here, once: the rollout batch with the gathered
+        ``token_rewards`` and the lazily shaped greedy baseline (when the rollout offers greedy completions)."""
+        dense = self.token_rewards(batch)
+        greedy = batch.greedy_rewards
+        if greedy is None and batch.greedy_completions is not None:
+            greedy = functools.cache(lambda: self.greedy_baseline(batch))
+        batch = dataclasses.replace(batch, token_rewards=None if dense is None else batch.gather(dense),
+                                    greedy_rewards=greedy)
+        return Scored(advantages=self.compute_advantages(rewards, batch), rewards=batch.weighted_reward(rewards),
+                      keep_samples=self.select_samples(rewards, batch), keep_groups=self.select_groups(rewards, batch))
+
     def compute_advantages(self, rewards: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
-        if batch.greedy_rewards is None and batch.greedy_completions is not None:
-            batch.greedy_rewards = functools.cache(lambda: self.greedy_baseline(batch))
+        """The advantage stage on a batch that has what it reads (``completion_mask``, ``token_rewards``)."""
         n = batch.num_rows
         shapes = [(n,)] + ([tuple(batch.completion_mask.shape)] if batch.completion_mask is not None else [])
         advantages = self.run("po_compute_advantages", batch.step, {"like": rewards, "shapes": shapes},

@@ -89,8 +89,8 @@ def test_formula_at_and_beyond_the_clip_boundary(po_loss_batch):
 ''',
         test='''
 def test_formula_on_known_lengths(po_reward_batch):
-    rewards, batch = po_reward_batch(group_size=2, num_groups=1, width=4, options={{"{module}_coef": 0.5}})
-    batch.completion_lengths = torch.tensor([2, 4])
+    rewards, batch = po_reward_batch(group_size=2, num_groups=1, width=4, options={{"{module}_coef": 0.5}},
+                                     completion_lengths=torch.tensor([2, 4]))
     shaped = {klass}().po_shape_rewards(rewards, batch)
     assert torch.allclose(shaped, rewards - torch.tensor([[0.25], [0.5]]))
 ''',

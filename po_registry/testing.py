@@ -21,6 +21,7 @@ Heavy libraries are imported inside the fixtures, so that loading this plugin co
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -85,11 +86,12 @@ def _completion_and_tool_masks(lengths, width: int, hole_row: int):
 
 
 def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1, width: int = 6, seed: int = 0,
-                 rewards=None, args=None, options=None, auxiliary=None):
+                 rewards=None, args=None, options=None, auxiliary=None, **fields):
     """(rewards (N, K), RewardBatch) of a synthetic global batch: random 0/1 rewards unless given, ragged
     completion lengths (one of length 1), the last row truncated, and row 2 (of full width, when the batch has
     one and ``width`` >= 3) a multi-turn episode with an environment token at position 1: a hole in the loss mask
-    (``completion_mask``), inside the completion of ``local`` (its ``tool_mask`` is 0 there)."""
+    (``completion_mask``), inside the completion of ``local`` (its ``tool_mask`` is 0 there). ``fields``: other
+    RewardBatch fields, replacing the synthetic ones (``completion_lengths=torch.tensor([2, 4])``)."""
     import torch
 
     from .batches import RewardBatch
@@ -128,7 +130,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         greedy_rewards=lambda: greedy,
         auxiliary=auxiliary if auxiliary is not None else {},
     )
-    return rewards, batch
+    return rewards, dataclasses.replace(batch, **fields)
 
 
 def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantages: bool = False,
@@ -258,9 +260,10 @@ class PluginConformance:
     train_steps: int = 2
     metrics: tuple[str, ...] = ()  # metrics the method must log during training
 
-    def prepare_reward_batch(self, batch) -> None:
+    def prepare_reward_batch(self, batch):
         """Override to add what the method's reward side reads beyond the synthetic batch (``batch.rows`` of a
-        multi-turn rollout) to the synthetic generation batch."""
+        multi-turn rollout): return the batch to use (batches are frozen: ``dataclasses.replace(batch, rows=...)``)."""
+        return batch
 
     def prepare_auxiliary(self, auxiliary: dict) -> None:
         """Override to give the synthetic batches the auxiliary models the method's stages read (``auxiliary[name] =
@@ -294,14 +297,9 @@ class PluginConformance:
 
     def _advantages(self, pipeline, args, **kwargs):
         rewards, batch = reward_batch(args=args, options=pipeline.options, auxiliary=pipeline.auxiliary, **kwargs)
-        self.prepare_reward_batch(batch)
-        rewards = pipeline.shape_rewards(rewards, batch)
-        token = pipeline.token_rewards(batch, like=batch.completion_mask)
-        batch.token_rewards = token
-        advantages = pipeline.compute_advantages(rewards, batch)
-        pipeline.select_samples(rewards, batch)  # run for its output checks (a bool per row), as the trainer does
-        keep = pipeline.select_groups(rewards, batch)
-        return advantages, keep, batch
+        batch = self.prepare_reward_batch(batch)
+        scored = pipeline.score(pipeline.shape_rewards(rewards, batch), batch)
+        return scored.advantages, scored.keep_groups, batch
 
     # -- checks --
 

@@ -9,6 +9,7 @@ rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_sav
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -58,7 +59,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             if assembly is getattr(args, "_po_assembly", None):  # checked when the config was made: warned then
                 warnings.simplefilter("ignore", CouplingWarning)
             self.po_pipeline.check_config(args)  # again: settings may have changed since the config was made
-        self._po_rewards: tuple[torch.Tensor, RewardBatch] | None = None
+        self._po_scores: list[tuple[torch.Tensor, RewardBatch]] | None = None  # one generation round's (see _score_round)
         if kwargs.get("rollout_func") is not None:  # multi-turn environments are a supported use here
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         super().__init__(model, reward_funcs, args, **kwargs)
@@ -146,7 +147,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             gather=self._gather_padded,
         )
         rewards = self.po_pipeline.shape_rewards(rewards, batch)
-        self._po_rewards = (rewards, batch)
+        if self._po_scores is not None:  # inside _score_round, which takes them once TRL's rollout returns
+            self._po_scores.append((rewards, batch))
         return rewards
 
     def _lengths_and_truncation(self, completion_ids_list, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,46 +168,43 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         return self._refill(inputs, out, kept_groups, rounds) if rounds else out
 
     def _score_round(self, inputs):
-        """One generation round through TRL, then the reward-side hooks: advantages, sample and group selection.
-        Returns the rollout dict (dropped rows masked out of the loss) and the local kept-group mask or None."""
-        out = super()._generate_and_score_completions(inputs)
-        rewards, batch = self._po_rewards
-        self._po_rewards = None
-        loss_mask = out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]
-        loss_mask = loss_mask.float()
-        batch.local = out
-        batch.rows = inputs
-        batch.policy_logps = functools.cache(lambda: self._behaviour_logps(out))
-        batch.greedy_completions = functools.cache(lambda: self._greedy_completions(inputs, out))
-        token_rewards = self.po_pipeline.token_rewards(batch, like=loss_mask)
-        batch.completion_mask = self._gather_padded(loss_mask)
-        if token_rewards is not None:
-            batch.token_rewards = self._gather_padded(token_rewards)
-
-        advantages = self.po_pipeline.compute_advantages(rewards, batch)
-        n_local, width = loss_mask.shape
-        rows = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        """One generation round through TRL, then the reward side after shaping (``Pipeline.score``). Returns the
+        rollout dict (rows the selection drops masked out of the loss) and the local kept-group mask or None."""
+        # TRL's rollout scores the completions (our _calculate_rewards shapes them there) but returns neither the
+        # reward matrix nor the batch: they come back through this round's list, which exactly one call fills.
+        self._po_scores = []
+        try:
+            out = super()._generate_and_score_completions(inputs)
+            ((rewards, scoring),) = self._po_scores
+        finally:
+            self._po_scores = None
+        loss_mask = (out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]).float()
+        batch = dataclasses.replace(
+            scoring, local=out, rows=inputs, completion_mask=self._gather_padded(loss_mask),
+            policy_logps=functools.cache(lambda: self._behaviour_logps(out)),
+            greedy_completions=functools.cache(lambda: self._greedy_completions(inputs, out)))
+        scored = self.po_pipeline.score(rewards, batch)
+        rows = batch.local_rows
+        width = loss_mask.shape[1]
+        advantages = scored.advantages
         out["advantages"] = advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
-        out["po_rewards"] = batch.weighted_reward(rewards)[rows]
+        out["po_rewards"] = scored.rewards[rows]
 
-        keep_samples = self.po_pipeline.select_samples(rewards, batch)
-        keep_groups = self.po_pipeline.select_groups(rewards, batch)
-        if keep_samples is None and keep_groups is None:
+        keep = scored.kept_rows(batch.group_size)
+        if keep is None:
             return out, None
-        keep = torch.ones(batch.num_rows, dtype=torch.bool, device=rewards.device)
-        if keep_samples is not None:
-            keep &= keep_samples
-            batch.log_metric("samples/kept_fraction", keep_samples.float().mean().item())
-        if keep_groups is not None:
-            keep &= keep_groups.repeat_interleave(batch.group_size)
-            batch.log_metric("groups/kept_fraction", keep_groups.float().mean().item())
+        if scored.keep_samples is not None:
+            batch.log_metric("samples/kept_fraction", scored.keep_samples.float().mean().item())
+        if scored.keep_groups is not None:
+            batch.log_metric("groups/kept_fraction", scored.keep_groups.float().mean().item())
         keep_rows = keep[rows].to(out["completion_mask"].dtype).unsqueeze(1)
         out["completion_mask"] = out["completion_mask"] * keep_rows
         if "tool_mask" in out:
             out["tool_mask"] = out["tool_mask"] * keep_rows
         out["num_items_in_batch"] = self.accelerator.gather((loss_mask * keep_rows).sum()).sum()
-        local_groups = slice(rows.start // batch.group_size, rows.stop // batch.group_size)
-        return out, None if keep_groups is None else keep_groups[local_groups]
+        if scored.keep_groups is None:
+            return out, None
+        return out, scored.keep_groups[rows.start // batch.group_size: rows.stop // batch.group_size]
 
     def _behaviour_logps(self, out) -> torch.Tensor:
         """Log-probs of the sampled tokens under the policy that sampled them (no gradient)."""

@@ -1,5 +1,7 @@
 """Compositions of the method plugins under plugins/: what composes, and what is refused with the conflict named."""
 
+import dataclasses
+
 import pytest
 
 from po_registry import CompositionError, OptionError
@@ -172,7 +174,7 @@ def test_a_value_carried_from_the_reward_side_is_declared_and_its_producer_check
                                                r"'ppo_old_values', 'ppo_returns', 'ppo_value_mask' from the rollout"):
         assemble(["ppo:-advantages"])
     _, batch = reward_batch()
-    batch.carries = frozenset({"ppo_returns"})
+    batch = dataclasses.replace(batch, carries=frozenset({"ppo_returns"}))
     batch.carry("ppo_returns", torch.zeros(batch.num_rows))
     with pytest.raises(ValueError, match=r"carry\('value_targets'\): no component of this composition declares it "
                                          r"in po_carries \(declared: ppo_returns\)"):

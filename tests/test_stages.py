@@ -275,3 +275,59 @@ def test_a_training_step_runs_the_stages_in_the_order_of_the_specification(po_tr
     monkeypatch.setattr(Pipeline, "run", recording)
     po_trainer(["dynamic-sampling"], max_steps=1).train()
     assert called == list(STAGE_HOOKS)
+
+
+class MutatingShaper(_Component):
+    name = "mutating-shaper"
+
+    @hookimpl
+    def po_shape_rewards(self, rewards, batch):
+        batch.completion_lengths = batch.completion_lengths * 0  # what a later stage would then see
+        return rewards
+
+
+def test_a_stage_cannot_change_the_batch_the_next_stage_sees(plugins):
+    """The reward batch is built whole and frozen: a plugin assigning to it is stopped, named, at that stage."""
+    from po_registry.errors import HookError
+    from po_registry.pipeline import Pipeline, assemble
+    from po_registry.testing import reward_batch
+
+    plugins(MutatingShaper.name, MutatingShaper)
+    pipeline = Pipeline(assemble([MutatingShaper.name]))
+    rewards, batch = reward_batch(options=pipeline.options)
+    lengths = batch.completion_lengths.clone()
+    with pytest.raises(HookError, match=r"mutating-shaper.*po_shape_rewards.*cannot assign to field "
+                                        r"'completion_lengths'"):
+        pipeline.shape_rewards(rewards, batch)
+    assert torch.equal(batch.completion_lengths, lengths)
+
+
+class DenseAsAdvantage(_Component):
+    """An advantage estimator that passes the dense rewards through: A_t = r_t."""
+
+    name = "dense-as-advantage"
+    po_reads = ("token_rewards",)
+
+    @hookimpl
+    def po_compute_advantages(self, rewards, batch):
+        return batch.token_rewards
+
+
+def test_the_reward_side_runs_in_one_order_with_one_advantage_batch(plugins):
+    """Pipeline.score: dense rewards computed on the local rows reach the advantage stage gathered (its own batch;
+    the rollout batch is left as it was), then both selections run and kept_rows intersects them."""
+    from po_registry.pipeline import Pipeline, assemble
+    from po_registry.testing import reward_batch
+
+    for plugin in (DenseBonus, DenseAsAdvantage, KeepFirstGroup):
+        plugins(plugin.name, plugin)
+    pipeline = Pipeline(assemble(["dense-bonus", "dense-as-advantage", "keep-first"]))
+    rewards, batch = reward_batch(group_size=2, num_groups=3, options=pipeline.options)
+    scored = pipeline.score(rewards, batch)
+    # DenseBonus gives 0.5 on every completion token of ``local`` (environment tokens included: it reads the
+    # completion mask, not the loss mask)
+    assert torch.equal(scored.advantages, 0.5 * batch.local["completion_mask"].float())
+    assert batch.token_rewards is None
+    assert scored.keep_samples is None and scored.keep_groups.tolist() == [True, False, False]
+    assert scored.kept_rows(2).tolist() == [True, True, False, False, False, False]
+    assert torch.equal(scored.rewards, rewards.squeeze(1))

@@ -1,5 +1,7 @@
 """DAPO: each component against its formula or TRL, dynamic sampling end to end, conformance and training."""
 
+import dataclasses
+
 import pytest
 import torch
 from po_registry_dapo import ClipHigher, DynamicSampling, soft_overlong_penalty
@@ -42,8 +44,9 @@ def test_overlong_reward_changes_the_weighted_total_by_the_penalty(po_reward_bat
 
     rewards, batch = po_reward_batch(group_size=2, num_groups=2, num_rewards=2, width=10,
                                      options={"overlong_cache_fraction": 0.5})
-    batch.reward_weights = torch.tensor([1.0, 3.0])
-    batch.completion_lengths = torch.tensor([2, 6, 8, 10])
+    batch = dataclasses.replace(batch,
+                                reward_weights=torch.tensor([1.0, 3.0]),
+                                completion_lengths=torch.tensor([2, 6, 8, 10]))
     shaped = OverlongReward().po_shape_rewards(rewards, batch)
     delta = batch.weighted_reward(shaped) - batch.weighted_reward(rewards)
     assert torch.allclose(delta, torch.tensor([0.0, -0.2, -0.6, -1.0]))
@@ -63,8 +66,9 @@ def test_overlong_penalty_survives_a_missing_reward(po_reward_batch, weights, to
     rewards = torch.tensor([[0.5, nan], [nan, nan], [0.5, 0.25], [nan, 1.0]])  # None -> NaN, TRL's convention
     _, batch = po_reward_batch(group_size=2, num_groups=2, num_rewards=2, width=10, rewards=rewards,
                                options={"overlong_cache_fraction": 0.5})
-    batch.reward_weights = torch.tensor(weights)
-    batch.completion_lengths = torch.tensor([10, 8, 5, 9])
+    batch = dataclasses.replace(batch,
+                                reward_weights=torch.tensor(weights),
+                                completion_lengths=torch.tensor([10, 8, 5, 9]))
     shaped = OverlongReward().po_shape_rewards(rewards, batch)
     assert torch.allclose(batch.weighted_reward(shaped), torch.tensor(totals), atol=1e-6)
     assert torch.isnan(shaped[0, 1]) and torch.isnan(shaped[3, 0])  # a column that scored nothing stays unscored

@@ -1,6 +1,7 @@
 """On-policy distillation and the GRPO-OPD operators: each against its formula on small tensors, the full-vocabulary
 reverse KL against TRL's DistillationTrainer, the teacher's loading rules, and training end to end."""
 
+import dataclasses
 import math
 import tempfile
 import warnings
@@ -137,7 +138,7 @@ def test_pure_opd_advantage_is_the_dense_teacher_reward(po_reward_batch, gamma):
     rewards, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options=_options(opd_gamma=gamma),
                                      args=default_args())
     opd = _component("opd")
-    batch.token_rewards = opd.po_token_rewards(batch)
+    batch = dataclasses.replace(batch, token_rewards=opd.po_token_rewards(batch))
     got = opd.po_compute_advantages(rewards, batch)
     signal = (_teacher_logps(batch.local) - batch.policy_logps()) * batch.completion_mask
     expected = signal.clone()
@@ -161,7 +162,7 @@ def test_ratio_operator_weights_tokens_by_the_capped_teacher_ratio(po_loss_batch
 
 def test_advantage_operator_adds_lambda_times_the_signal_after_normalisation(po_reward_batch):
     rewards, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options=_options(), args=default_args())
-    batch.token_rewards = _component("opd-advantage").po_token_rewards(batch)
+    batch = dataclasses.replace(batch, token_rewards=_component("opd-advantage").po_token_rewards(batch))
     got = GroupAdvantage().po_compute_advantages(rewards, batch)
     total = rewards.squeeze(1)
     grouped = total.view(-1, 2)
@@ -406,11 +407,11 @@ def test_reverse_kl_metric_is_the_mean_over_every_process(po_reward_batch, monke
     -(1.5 - 4.5) / 6 = 0.5 (before: this process's -1.5 / 3 = -0.5 alone)."""
     _, batch = po_reward_batch(group_size=2, num_groups=1, width=2, options=_options(), args=default_args())
     batch.local["completion_mask"] = torch.tensor([[1, 1], [1, 0]])
-    batch.policy_logps = lambda: torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    batch = dataclasses.replace(batch, policy_logps=lambda: torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]))
     _fixed_teacher(monkeypatch, torch.tensor([[-1.5, -1.0], [-2.0, -9.0]]))
-    batch.gather = lambda local: torch.cat([local, torch.tensor([[-4.5, 3.0]])])
+    batch = dataclasses.replace(batch, gather=lambda local: torch.cat([local, torch.tensor([[-4.5, 3.0]])]))
     logged = {}
-    batch.log_metric = logged.__setitem__
+    batch = dataclasses.replace(batch, log_metric=logged.__setitem__)
     rollout_signal(batch)
     assert logged["opd/reverse_kl"] == pytest.approx(0.5)
 
@@ -421,11 +422,11 @@ def test_teacher_signal_skips_environment_tokens(po_reward_batch, monkeypatch):
     -4.5 over 3: logged -(0.5 - 4.5) / 5 = 0.8 (before: the environment token's 8.0 counted too)."""
     _, batch = po_reward_batch(group_size=1, num_groups=1, width=3, options=_options(), args=default_args())
     batch.local["completion_mask"], batch.local["tool_mask"] = torch.ones(1, 3), torch.tensor([[1, 0, 1]])
-    batch.policy_logps = lambda: torch.tensor([[-1.0, -9.0, -2.0]])
+    batch = dataclasses.replace(batch, policy_logps=lambda: torch.tensor([[-1.0, -9.0, -2.0]]))
     _fixed_teacher(monkeypatch, torch.tensor([[-1.5, -1.0, -1.0]]))
-    batch.gather = lambda local: torch.cat([local, torch.tensor([[-4.5, 3.0]])])
+    batch = dataclasses.replace(batch, gather=lambda local: torch.cat([local, torch.tensor([[-4.5, 3.0]])]))
     logged = {}
-    batch.log_metric = logged.__setitem__
+    batch = dataclasses.replace(batch, log_metric=logged.__setitem__)
     signal = rollout_signal(batch)
     assert logged["opd/reverse_kl"] == pytest.approx(0.8)
     assert torch.allclose(signal, torch.tensor([[-0.5, 0.0, 1.0]]))

@@ -1,6 +1,7 @@
 """PPO with a learned critic and VAPO: GAE plumbing against a reference loop, the value loss, the critic learning,
 its checkpoint, value pretraining, a LoRA critic, and end-to-end training."""
 
+import dataclasses
 import tempfile
 
 import pytest
@@ -79,7 +80,7 @@ def test_advantages_and_targets_follow_gae_on_each_row(po_reward_batch, critic, 
     rewards, batch = po_reward_batch(group_size=2, num_groups=3, width=5, options=options, args=default_args(),
                                      auxiliary={"critic": critic})
     rewards[2, 0] = float("nan")  # unscorable: no advantage, no value target
-    batch.token_rewards = 0.1 * torch.arange(30.0).view(6, 5) * batch.completion_mask
+    batch = dataclasses.replace(batch, token_rewards=0.1 * torch.arange(30.0).view(6, 5) * batch.completion_mask)
     advantages = Critic().po_compute_advantages(rewards, batch)
     with torch.no_grad():
         values = token_values(critic.model, batch.local)
@@ -106,8 +107,7 @@ def _with_environment_holes(batch):
     holes[3, 1:3] = 0
     holes[4, 2] = 0
     holes[5, 1:3] = 0
-    batch.completion_mask = batch.completion_mask * holes
-    return holes
+    return dataclasses.replace(batch, completion_mask=batch.completion_mask * holes), holes
 
 
 def test_advantages_and_targets_flow_through_environment_holes(po_reward_batch, critic):
@@ -119,8 +119,9 @@ def test_advantages_and_targets_flow_through_environment_holes(po_reward_batch, 
     rewards[:, 0] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     batch.local["completion_mask"][3:] = 1  # full-length rows, so that each hole sits inside a turn sequence
     batch.completion_mask[3:] = 1.0
-    holes = _with_environment_holes(batch)
-    batch.token_rewards = 0.1 * torch.arange(30.0).view(6, 5) * batch.local["completion_mask"]
+    batch, holes = _with_environment_holes(batch)
+    batch = dataclasses.replace(batch,
+                                token_rewards=0.1 * torch.arange(30.0).view(6, 5) * batch.local["completion_mask"])
     advantages = Critic().po_compute_advantages(rewards, batch)
     with torch.no_grad():
         values = token_values(critic.model, batch.local)
@@ -147,7 +148,7 @@ def test_whitening_and_value_loss_skip_environment_holes(po_reward_batch, po_los
                                      auxiliary={"critic": critic})
     batch.local["completion_mask"][3:] = 1
     batch.completion_mask[3:] = 1.0
-    _with_environment_holes(batch)
+    batch, _ = _with_environment_holes(batch)
     advantages = Critic().po_compute_advantages(rewards, batch)
     tokens = advantages[batch.completion_mask.bool()]
     assert tokens.mean().item() == pytest.approx(0.0, abs=1e-5)

@@ -1,5 +1,6 @@
 """Process rewards: step detection, per-group normalisation, dense returns, errors, conformance and training."""
 
+import dataclasses
 import statistics
 
 import pytest
@@ -137,9 +138,9 @@ def test_steps_metric_counts_the_completions_of_every_process(po_reward_batch):
     """One step per non-empty completion: this process has 4 completions and 4 steps; the other (simulated by the
     gather) 4 completions and 1 step, so the logged mean is 5 / 8 (before: this process's 4 / 4 = 1 alone)."""
     _, batch = po_reward_batch(group_size=2, num_groups=2, width=4, options={"process_reward_function": PER_STEP})
-    batch.gather = lambda local: torch.cat([local, torch.tensor([[1.0, 4.0]])])
+    batch = dataclasses.replace(batch, gather=lambda local: torch.cat([local, torch.tensor([[1.0, 4.0]])]))
     logged = {}
-    batch.log_metric = logged.__setitem__
+    batch = dataclasses.replace(batch, log_metric=logged.__setitem__)
     ProcessReward().po_token_rewards(batch)
     assert logged["process_reward/steps_per_completion"] == pytest.approx(5 / 8)
 

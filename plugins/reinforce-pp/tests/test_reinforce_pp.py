@@ -1,5 +1,7 @@
 """REINFORCE++ and REINFORCE++-baseline: returns, KL in the reward, global normalisation, conformance, training."""
 
+import dataclasses
+
 import pytest
 import torch
 from po_registry_reinforce_pp import ReinforcePP, ReinforcePPBaseline
@@ -35,7 +37,8 @@ def test_global_normalisation_without_kl(po_reward_batch):
     _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards, width=3,
                                options={"reinforce_pp_gamma": 1.0}, args=default_args())
     # row 0 has an environment hole at t = 1: its outcome sits on t = 2 and its return reaches t = 0 across the hole
-    batch.completion_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    holes = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    batch = dataclasses.replace(batch, completion_mask=holes)
     got = ReinforcePP().po_compute_advantages(rewards, batch)
     assert torch.allclose(got, _expected(rewards.squeeze(1), batch.completion_mask), atol=1e-6)
     # by hand: 8 loss tokens with returns (1, 1 | 0, 0, 0 | 1 | 1, 1): mean 5/8, population std
@@ -48,7 +51,7 @@ def test_baseline_subtracts_the_group_mean_first(po_reward_batch):
     rewards = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
     _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards, width=3,
                                options={"reinforce_pp_baseline_gamma": 1.0}, args=default_args())
-    batch.completion_mask = torch.ones(4, 3)
+    batch = dataclasses.replace(batch, completion_mask=torch.ones(4, 3))
     got = ReinforcePPBaseline().po_compute_advantages(rewards, batch)
     assert torch.allclose(got, _expected(torch.tensor([0.5, -0.5, 0.0, 0.0]), batch.completion_mask), atol=1e-6)
 
@@ -65,8 +68,9 @@ def test_kl_rewards_enter_the_returns(po_reward_batch):
     _, batch = po_reward_batch(group_size=2, num_groups=1, rewards=rewards, width=3,
                                options={"reinforce_pp_gamma": 1.0}, args=default_args())
     # row 0: action tokens at t = 0 and t = 2 around an environment hole, whose reward -5 (on no action) is not read
-    batch.completion_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-    batch.token_rewards = torch.tensor([[-0.1, -5.0, -0.2], [-0.3, 0.0, 0.0]])
+    batch = dataclasses.replace(batch,
+                                completion_mask=torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]),
+                                token_rewards=torch.tensor([[-0.1, -5.0, -0.2], [-0.3, 0.0, 0.0]]))
     got = ReinforcePP().po_compute_advantages(rewards, batch)
     # return-to-go over the action tokens of [-0.1, -0.2 + 1] and [-0.3, 0]: [0.7, 0.8] and [-0.3, 0]
     tokens = torch.tensor([0.7, 0.8, -0.3, 0.0])
@@ -82,10 +86,11 @@ def test_kl_metric_is_the_mean_over_every_process(po_reward_batch):
     _, batch = po_reward_batch(group_size=2, num_groups=1, width=3, args=default_args(beta=0.5))
     batch.local["completion_mask"] = torch.tensor([[1, 1, 0], [1, 1, 1]])
     batch.local["ref_per_token_logps"] = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, -1.0]])
-    batch.policy_logps = lambda: torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
-    batch.gather = lambda local: torch.cat([local, torch.tensor([[3.0, 2.0]])])
+    batch = dataclasses.replace(batch,
+                                policy_logps=lambda: torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]]),
+                                gather=lambda local: torch.cat([local, torch.tensor([[3.0, 2.0]])]))
     logged = {}
-    batch.log_metric = logged.__setitem__
+    batch = dataclasses.replace(batch, log_metric=logged.__setitem__)
     ReinforcePP().po_token_rewards(batch)
     assert logged["reinforce-pp/kl"] == pytest.approx(4.5 / 7)
 
@@ -99,10 +104,11 @@ def test_kl_reward_and_metric_skip_environment_tokens(po_reward_batch):
     batch.local["completion_mask"] = torch.ones(2, 3, dtype=torch.long)
     batch.local["tool_mask"] = torch.tensor([[1, 1, 1], [1, 0, 1]])
     batch.local["ref_per_token_logps"] = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, -1.0]])
-    batch.policy_logps = lambda: torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
-    batch.gather = lambda local: torch.cat([local, torch.tensor([[3.0, 2.0]])])
+    batch = dataclasses.replace(batch,
+                                policy_logps=lambda: torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]]),
+                                gather=lambda local: torch.cat([local, torch.tensor([[3.0, 2.0]])]))
     logged = {}
-    batch.log_metric = logged.__setitem__
+    batch = dataclasses.replace(batch, log_metric=logged.__setitem__)
     dense = ReinforcePP().po_token_rewards(batch)
     assert logged["reinforce-pp/kl"] == pytest.approx(2.5 / 7)
     assert torch.allclose(dense, torch.tensor([[-0.25, 0.0, 0.5], [0.0, 0.0, 0.0]]))

@@ -1,5 +1,7 @@
 """ReMax: the greedy baseline, its formula, unscorable rows, and end-to-end training with real greedy decodes."""
 
+import dataclasses
+
 import pytest
 import torch
 from po_registry_remax import ReMax
@@ -16,7 +18,7 @@ class TestConformance(PluginConformance):
 def test_advantage_is_reward_minus_greedy_reward(po_reward_batch):
     rewards = torch.tensor([[1.0], [0.0], [0.5], [1.0], [0.0], [0.0]])
     _, batch = po_reward_batch(group_size=3, num_groups=2, rewards=rewards)
-    batch.greedy_rewards = lambda: torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0])
+    batch = dataclasses.replace(batch, greedy_rewards=lambda: torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0]))
     got = ReMax().po_compute_advantages(rewards, batch)
     assert torch.allclose(got, torch.tensor([0.5, -0.5, 0.0, 1.0, 0.0, 0.0]))
 
@@ -24,8 +26,9 @@ def test_advantage_is_reward_minus_greedy_reward(po_reward_batch):
 def test_weighted_rewards_and_unscorable_rows_get_zero(po_reward_batch):
     rewards = torch.tensor([[1.0, 2.0], [float("nan"), float("nan")], [0.0, 1.0], [1.0, float("nan")]])
     _, batch = po_reward_batch(group_size=2, num_groups=2, rewards=rewards)
-    batch.reward_weights = torch.tensor([1.0, 0.5])
-    batch.greedy_rewards = lambda: torch.tensor([1.0, 1.0, float("nan"), float("nan")])
+    batch = dataclasses.replace(batch,
+                                reward_weights=torch.tensor([1.0, 0.5]),
+                                greedy_rewards=lambda: torch.tensor([1.0, 1.0, float("nan"), float("nan")]))
     got = ReMax().po_compute_advantages(rewards, batch)
     assert torch.equal(got, torch.tensor([1.0, 0.0, 0.0, 0.0]))  # 1 + 0.5 * 2 - 1; None rewards; no baseline
 
@@ -96,7 +99,7 @@ def test_the_greedy_baseline_is_shaped_like_the_samples():
                         max_completion_length=10, options=pipeline.options, args=default_args(["remax"]),
                         greedy_completions=lambda: greedy)
     rewards = pipeline.shape_rewards(torch.tensor([[1.0], [0.0], [1.0], [1.0]]), batch)  # 0.5, 0, 1, 0
-    advantages = pipeline.compute_advantages(rewards, batch)
+    advantages = pipeline.score(rewards, batch).advantages
     assert torch.allclose(advantages, torch.tensor([0.5, 0.0, 0.0, -1.0]))
 
 

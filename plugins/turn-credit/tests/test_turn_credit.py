@@ -1,6 +1,7 @@
 """Turn-level credit assignment: each estimator against hand-computed small episodes, conformance, and training on
 the embedded multi-turn environment."""
 
+import dataclasses
 import math
 import statistics
 
@@ -20,9 +21,10 @@ def _episodes(po_reward_batch, turn_index, turn_reward, turn_state=None, options
     outcome = torch.tensor([[sum(r)] for r in turn_reward])
     rewards, batch = po_reward_batch(group_size=n, num_groups=1, width=width, rewards=outcome,
                                      options=options or {}, args=default_args())
-    batch.completion_mask = (torch.tensor(turn_index) >= 0).float()  # the loss mask excludes environment tokens
-    batch.rows = [{"turn_index": i, "turn_reward": r, "turn_state": s or [-1] * width}
-                  for i, r, s in zip(turn_index, turn_reward, turn_state or [None] * n)]
+    rows = [{"turn_index": i, "turn_reward": r, "turn_state": s or [-1] * width}
+            for i, r, s in zip(turn_index, turn_reward, turn_state or [None] * n)]
+    # the loss mask excludes environment tokens
+    batch = dataclasses.replace(batch, completion_mask=(torch.tensor(turn_index) >= 0).float(), rows=rows)
     return rewards, batch
 
 
@@ -101,8 +103,9 @@ class _Synthetic:
         n, width = batch.completion_mask.shape
         generator = torch.Generator().manual_seed(n)
         index = torch.where(batch.completion_mask.bool(), torch.arange(width).expand(n, width) // 2, -1)
-        batch.rows = [{"turn_index": row.tolist(), "turn_reward": (torch.rand(width, generator=generator) - 0.5).tolist(),
-                       "turn_state": (row.clamp(min=0) % 2).tolist()} for row in index]
+        rows = [{"turn_index": row.tolist(), "turn_reward": (torch.rand(width, generator=generator) - 0.5).tolist(),
+                 "turn_state": (row.clamp(min=0) % 2).tolist()} for row in index]
+        return dataclasses.replace(batch, rows=rows)
 
 
 class TestTurnAdvantageConformance(_Synthetic, PluginConformance):
