@@ -42,6 +42,7 @@ def _checked(convert, accepts, expected: str):
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+_seeds = _checked(lambda text: [_seed(part) for part in text.split(",")], bool, "a comma list of seeds")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -49,6 +50,25 @@ def _key_value(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), value
+
+
+def _threshold(text: str) -> tuple[str, str, float]:
+    name, equals, value = text.partition("=")
+    detector, dot, key = name.rpartition(".")
+    try:
+        number = float(value) if equals else None
+    except ValueError:
+        number = None
+    if not dot or not detector or not key or number is None:
+        raise argparse.ArgumentTypeError(f"expected DETECTOR.THRESHOLD=NUMBER, got {text!r}")
+    return detector.strip(), key.strip(), number
+
+
+def _detector_flags(parser) -> None:
+    parser.add_argument("--detectors", metavar="NAME[,NAME]", help="failure detectors to run (default: all; "
+                        "'none' for none; see `po-registry failures`)")
+    parser.add_argument("--threshold", action="append", type=_threshold, metavar="DETECTOR.THRESHOLD=VALUE",
+                        help="a detector threshold, e.g. entropy-collapse.ratio=0.1 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=_positive_int, help="greedy-accuracy evaluation period (default 20)")
     train.add_argument("--eval-size", type=_positive_int, help="held-out problems per evaluation (default 512)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    _detector_flags(train)
 
     evaluate = commands.add_parser("eval", help="greedy accuracy of a model (and adapter) on a task",
                                    description="Greedy accuracy on the task's held-out problems.")
@@ -118,6 +139,42 @@ def build_parser() -> argparse.ArgumentParser:
                          "selectors: dr-grpo:reward,gspo)")
     explain.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE")
 
+    diagnose = commands.add_parser("diagnose", help="what went wrong in a run, on which side, and which methods "
+                                   "target it", description="Replay the failure detectors over a run's logged "
+                                   "metrics (a po-registry run directory, or a TRL output directory with "
+                                   "trainer_state.json): each finding with its side, the step it began and its "
+                                   "evidence plotted, the installed methods that fix it as --method values, and "
+                                   "compositions that change both sides for a compound failure.")
+    diagnose.add_argument("run", metavar="RUN_DIR", help="a run directory (metrics.jsonl) or a TRL output directory")
+    diagnose.add_argument("--out", metavar="DIR", help="where report.md and the plots go (default: RUN_DIR/diagnosis)")
+    diagnose.add_argument("--json", action="store_true", help="print JSON")
+    _detector_flags(diagnose)
+
+    compare = commands.add_parser("compare", help="a leaderboard of methods over seeds and tasks, one budget",
+                                  description="Train (or read, when already there) every task x method x seed with "
+                                  "the same steps, batch and evaluation, then tabulate held-out accuracy at equal "
+                                  "steps and at equal wall time (mean and spread over seeds), completions sampled "
+                                  "and detected failures; writes leaderboard.md, leaderboard.json and curves per "
+                                  "task. The baseline grpo is always included.")
+    compare.add_argument("--method", action="append", metavar="METHOD", help="a method or composition to compare "
+                         "(repeat for several; commas compose: dr-grpo:reward,gspo)")
+    compare.add_argument("--all-methods", action="store_true", help="every installed method")
+    compare.add_argument("--task", action="append", help="embedded task (repeat for several; default: addition)")
+    compare.add_argument("--seeds", default="0,1,2", type=_seeds, help="comma list of seeds (default 0,1,2)")
+    compare.add_argument("--steps", type=_positive_int, default=40, help="optimizer steps per run (default 40)")
+    compare.add_argument("--eval-every", type=_positive_int, default=10, help="evaluation period (default 10)")
+    compare.add_argument("--eval-size", type=_positive_int, default=256, help="held-out problems (default 256)")
+    compare.add_argument("--learning-rate", type=_positive_float, help="for every run (default: train's)")
+    compare.add_argument("--config", help="YAML settings for every run (as train's --config)")
+    compare.add_argument("--output-dir", default="compare", help="where runs and the leaderboard go "
+                         "(default: compare/; runs already there are read, not retrained)")
+    compare.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
+
+    failures = commands.add_parser("failures", help="the failure vocabulary: side, detector, methods that fix it",
+                                   description="Each failure mode: its side, the detector that reports it (and "
+                                   "its thresholds), the methods that fix it and those that may cause it.")
+    failures.add_argument("--json", action="store_true", help="print JSON")
+
     tasks = commands.add_parser("tasks", help="the embedded tasks", description="List the embedded tasks.")
     tasks.add_argument("--json", action="store_true", help="print JSON")
 
@@ -141,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         handler = {"train": _train, "eval": _eval, "plugins": _plugins, "methods": _methods,
-                   "explain": _explain, "tasks": _tasks, "new-plugin": _new_plugin}[args.command]
+                   "explain": _explain, "diagnose": _diagnose, "compare": _compare, "failures": _failures,
+                   "tasks": _tasks,
+                   "new-plugin": _new_plugin}[args.command]
         return handler(args)
     except UsageError as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
@@ -191,6 +250,10 @@ def _methods(args) -> int:
                 print(f"  {side + ' side:':17s} {', '.join(row['components'][side])}")
         if row["targets"]:
             print(f"  {'targets:':17s} {row['targets']}")
+        if row["fixes"]:
+            print(f"  {'fixes:':17s} {', '.join(row['fixes'])}")
+        if row["risks"]:
+            print(f"  {'may cause:':17s} {', '.join(row['risks'])}")
         if row["paper"]:
             print(f"  {'paper:':17s} {row['paper']}")
         results = row.get("oracle") or []
@@ -237,6 +300,71 @@ def _explain(args) -> int:
     for message in couplings:
         print(f"coupling: {message}")
     print("composition: valid" + (f" ({len(couplings)} coupling warning(s))" if couplings else ""))
+    return 0
+
+
+def _diagnose(args) -> int:
+    from .diagnose import diagnose, report_text
+    from .diagnostics import parse_detector_names
+    from .errors import OptionError
+
+    thresholds: dict = {}
+    for detector, key, value in args.threshold or []:
+        thresholds.setdefault(detector, {})[key] = value
+    try:
+        result = diagnose(Path(args.run), parse_detector_names(args.detectors), thresholds,
+                          Path(args.out) if args.out else None)
+    except OptionError as exc:
+        fail("diagnose", str(exc))
+    print(json.dumps(result, indent=2) if args.json else report_text(result))
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare, leaderboard_markdown
+    from .registry import get_registry
+
+    registry = get_registry()
+    methods = sorted(registry.methods) if args.all_methods else list(args.method or [])
+    if not methods:
+        fail("compare", "name the methods to compare with --method (repeatable) or use --all-methods")
+    if args.config and not Path(args.config).is_file():
+        fail("compare", f"--config {args.config}: no such file")
+    tasks = args.task or ["addition"]
+    for task in tasks:
+        if task not in registry.tasks:
+            fail("compare", f"--task {task!r}: unknown task; see `po-registry tasks`")
+    train_args = ["--steps", str(args.steps), "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size)]
+    if args.learning_rate:
+        train_args += ["--learning-rate", str(args.learning_rate)]
+    if args.config:
+        train_args += ["--config", args.config]
+    board = compare(methods, tasks, args.seeds, Path(args.output_dir), train_args,
+                    train=lambda argv: main(["train", *argv]),
+                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(board, indent=2) if args.json else leaderboard_markdown(board))
+    if not args.json:
+        print(f"wrote {args.output_dir}/: leaderboard.md, leaderboard.json, " + ", ".join(f"{t}.png" for t in
+                                                                                      board["tasks"]))
+    return 0
+
+
+def _failures(args) -> int:
+    from .docs import failure_map
+
+    rows = failure_map()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['failure']}  [{row['side']}]  {row['summary']}")
+        for name, limits in row["detectors"].items():
+            print(f"  {'detector:':12s} {name} ({', '.join(f'{k} {v:g}' for k, v in limits.items())})")
+        if not row["detectors"]:
+            print(f"  {'detector:':12s} none (declared for methods and for detectors that plugins add)")
+        print(f"  {'fixed by:':12s} {', '.join(row['fixed_by']) or '-'}")
+        if row["risked_by"]:
+            print(f"  {'caused by:':12s} {', '.join(row['risked_by'])} (may)")
     return 0
 
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
+from .diagnostics import parse_detector_names, resolve_limits
 from .errors import OptionError
 from .pipeline import Pipeline, assemble
+from .registry import get_registry
 
 
 def _above(low):
@@ -69,6 +71,10 @@ class PolicyOptimizationConfig(GRPOConfig):
     Args:
         methods (`list[str]`): method names to compose, e.g. ``["gspo", "rloo"]``; default ``["grpo"]``.
         method_options (`dict` or JSON `str`): values for options the chosen methods' plugins declare.
+        detectors (`list[str]` or `str`): the failure detectors watching the run (``po-registry failures``);
+            default all, ``"none"`` or ``[]`` for none.
+        detector_thresholds (`dict` or JSON `str`): detector -> {threshold: value}, overriding the defaults, e.g.
+            ``{"entropy-collapse": {"ratio": 0.1}}``.
 
     On a machine without a GPU, ``bf16`` defaults to False (TRL's default would fail there). The methods and
     options are resolved and validated when the config is built, so a bad name or value fails before training.
@@ -81,6 +87,15 @@ class PolicyOptimizationConfig(GRPOConfig):
     method_options: dict | str | None = field(
         default=None,
         metadata={"help": "Options of the chosen methods' plugins, as a dict or a JSON string."},
+    )
+
+    detectors: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Failure detectors to run (default: all registered; 'none' for none)."},
+    )
+    detector_thresholds: dict | str | None = field(
+        default=None,
+        metadata={"help": "Detector thresholds as {detector: {threshold: value}}, a dict or a JSON string."},
     )
 
     def __post_init__(self):
@@ -99,8 +114,25 @@ class PolicyOptimizationConfig(GRPOConfig):
             except json.JSONDecodeError as exc:
                 raise OptionError(f"method_options is not valid JSON: {exc}") from None
         self.method_options = dict(self.method_options or {})
+        self.detector_limits()  # a bad detector or threshold fails here, before training
         self._po_assembly = self.resolve()
         self.method_options = self._po_assembly.options
+
+    def detector_limits(self) -> dict[str, dict[str, float]]:
+        """The chosen detectors and their thresholds (defaults overridden), checked against the registry."""
+        if isinstance(self.detectors, str):
+            self.detectors = parse_detector_names(self.detectors)
+        if isinstance(self.detector_thresholds, str):
+            try:
+                self.detector_thresholds = json.loads(self.detector_thresholds or "{}")
+            except json.JSONDecodeError as exc:
+                raise OptionError(f"detector_thresholds is not valid JSON: {exc}") from None
+        if self.detectors is not None and not isinstance(self.detectors, (list, tuple)):
+            raise OptionError(f"detectors must be a list of names or a comma list, got {self.detectors!r}")
+        if not isinstance(self.detector_thresholds or {}, dict):
+            raise OptionError(f"detector_thresholds must map detectors to thresholds, got {self.detector_thresholds!r}")
+        self.detector_thresholds = dict(self.detector_thresholds or {})
+        return resolve_limits(get_registry().detectors, self.detectors, self.detector_thresholds)
 
     def resolve(self):
         """Assemble and check the chosen methods against this config; returns the :class:`Assembly`."""

@@ -127,7 +127,8 @@ def method_map(registry: Registry | None = None, oracle: bool = True) -> list[di
             for side in sorted({getattr(hookspecs, h).po_stage.side for h in info.hooks} - {"lifecycle"}):
                 sides[side].append(component)
         row = {"method": method.name, "side": method.side, "components": sides, "targets": method.targets,
-               "summary": method.summary, "paper": method.paper, "plugin": method.plugin}
+               "summary": method.summary, "paper": method.paper, "plugin": method.plugin,
+               "fixes": list(method.fixes), "risks": list(method.risks)}
         if oracle:
             row["oracle"] = verdicts.get(method.name, [])
         rows.append(row)
@@ -195,22 +196,56 @@ def methods_markdown(registry: Registry | None = None) -> str:
         "Generated from the registry by `python -m po_registry.docs` (the data `po-registry methods` prints); "
         "methods of installed plugin distributions appear once they are installed.",
         "",
-        "| method | side | reward-side components | trajectory-side components | targets | paper |",
-        "|---|---|---|---|---|---|",
+        "| method | side | reward-side components | trajectory-side components | targets | fixes | paper |",
+        "|---|---|---|---|---|---|---|",
     ]
     rows = method_map(registry)
     for row in rows:
         reward = ", ".join(row["components"]["reward"]) or "—"
         trajectory = ", ".join(row["components"]["trajectory"]) or "—"
+        fixes = ", ".join(row["fixes"]) + (f" (may cause {', '.join(row['risks'])})" if row["risks"] else "")
         lines.append(f"| `{row['method']}` | {row['side']} | {reward} | {trajectory} | {row['targets']} | "
-                     f"{row['paper']} |")
+                     f"{fixes or '—'} | {row['paper']} |")
     lines += ["", *oracle_markdown(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def failure_map(registry: Registry | None = None) -> list[dict]:
+    """Each failure mode: side, summary, its detectors with their default thresholds, the methods that fix it and
+    those that may cause it (the data `po-registry failures` prints)."""
+    registry = registry or get_registry()
+    methods = sorted(registry.methods.values(), key=lambda m: m.name)
+    return [{"failure": failure.name, "side": failure.side, "summary": failure.summary, "plugin": failure.plugin,
+             "detectors": {d.name: dict(d.defaults) for d in registry.detectors.values() if d.failure == failure.name},
+             "fixed_by": [m.name for m in methods if failure.name in m.fixes],
+             "risked_by": [m.name for m in methods if failure.name in m.risks]}
+            for failure in registry.failures.values()]
+
+
+def failures_markdown(registry: Registry | None = None) -> str:
+    lines = [
+        "# Failure vocabulary",
+        "",
+        "Generated from the registry by `python -m po_registry.docs` (the data `po-registry failures` prints). "
+        "How detection and diagnosis work: [diagnostics.md](diagnostics.md).",
+        "",
+        "| failure | side | what goes wrong | detector (thresholds) | fixed by | may be caused by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in failure_map(registry):
+        detectors = "; ".join(f"`{name}`: {', '.join(f'{k} {v:g}' for k, v in limits.items())}"
+                              for name, limits in row["detectors"].items()) or "—"
+        fixed = ", ".join(f"`{name}`" for name in row["fixed_by"]) or "—"
+        caused = ", ".join(f"`{name}`" for name in row["risked_by"]) or "—"
+        lines.append(f"| `{row['failure']}` | {row['side']} | {_cell(row['summary'])} | {detectors} | {fixed} | "
+                     f"{caused} |")
     return "\n".join(lines) + "\n"
 
 
 def generated() -> dict[str, str]:
     registry = repository_registry()
-    return {"hooks.md": hook_reference(registry), "methods.md": methods_markdown(registry)}
+    return {"hooks.md": hook_reference(registry), "methods.md": methods_markdown(registry),
+            "failures.md": failures_markdown(registry)}
 
 
 def main(argv=None) -> int:

@@ -124,11 +124,11 @@ def stage(side: Side, combine: Combine, name: str = "", output: str = ""):
 def po_register_methods(register):
     """Register named methods.
 
-    Call ``register(name, components=[...], options={...}, summary=..., targets=..., paper=..., objective=...)``
-    once per method; its side (reward, trajectory or both) is derived from the stage hooks its components
-    implement. ``components`` are plugin names (entry-point names); the method is the pipeline of the built-in
-    ``grpo`` baseline with each single-owner stage taken over by the component that implements it and each
-    composable component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
+    Call ``register(name, components=[...], options={...}, summary=..., targets=..., paper=..., objective=...,
+    fixes=(...), risks=(...))`` once per method; its side (reward, trajectory or both) is derived from the stage
+    hooks its components implement. ``components`` are plugin names (entry-point names); the method is the
+    pipeline of the built-in ``grpo`` baseline with each single-owner stage taken over by the component that
+    implements it and each composable component added. ``options`` are defaults for options that the components declare. ``replaces`` lists
     baseline components the method removes (for example ``["reference-kl"]`` for a method with KL in the reward).
     ``objective`` declares what the method's loss claims to follow, for the gradient oracle of the conformance suite
     (:mod:`po_registry.oracle`): a :class:`~po_registry.oracle.Objective`, or a function ``(args, options) ->
@@ -137,6 +137,8 @@ def po_register_methods(register):
     rewards, KL terms in the loss, token masks and weights, dropped rows), each relative to what the baseline's
     remaining components already do; the oracle checks the mean gradient of the assembled loss against the exact
     expectation, on a policy it can enumerate. An objective that is neither is a load fault naming the method.
+    ``fixes`` and ``risks`` name failure modes (:func:`po_register_failures`) the method targets and those it may
+    cause; ``po-registry diagnose`` recommends it for the former. An unknown failure name is a load fault.
     Registering a name that another plugin already registered is reported as a load fault naming both plugins.
     """
 
@@ -159,6 +161,27 @@ def po_register_tasks(register):
 
     Call ``register(task)`` with a :class:`po_registry.tasks.Task` (a problem generator, its answer check and the
     completion length it needs). A name registered twice is a load fault naming both plugins.
+    """
+
+
+@stage("lifecycle", "each")
+def po_register_failures(register):
+    """Add failure modes to the vocabulary that methods declare and detectors report.
+
+    Call ``register(name, side, summary)``: ``side`` is ``"reward"`` or ``"trajectory"``, the factor of J where the
+    failure arises; ``summary`` says in one line what goes wrong. The built-in vocabulary is in
+    :data:`po_registry.diagnostics.FAILURES`. A name registered twice is a load fault naming both plugins.
+    """
+
+
+@stage("lifecycle", "each")
+def po_register_detectors(register):
+    """Add detectors: watchers of the logged metrics that report a failure during training and in
+    ``po-registry diagnose``.
+
+    Call ``register(detector)`` with a :class:`po_registry.diagnostics.Detector` (its ``name``, the ``failure`` it
+    reports, the ``metrics`` it reads, its default thresholds and a ``check``; ``Level`` and ``Drift`` cover most
+    cases). A detector of an unregistered failure, or a name registered twice, is a load fault.
     """
 
 

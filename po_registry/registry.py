@@ -23,6 +23,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .diagnostics import SIDES, Detector, Failure
 from .errors import OptionError, PluginLoadError, UnknownMethodError, closest
 
 ENTRY_POINT_GROUP = "po_registry"
@@ -92,6 +93,8 @@ class Method:
     # What the method's loss claims to follow, for the gradient oracle: a po_registry.oracle.Objective, or a
     # function (args, options) -> Objective when it depends on the configuration; None: undeclared.
     objective: Any = None
+    fixes: tuple[str, ...] = ()  # failure modes it targets (po_registry.diagnostics)
+    risks: tuple[str, ...] = ()  # failure modes it may cause
 
 
 @dataclass
@@ -143,6 +146,8 @@ class Registry:
         self.methods: dict[str, Method] = {}
         self.options: dict[str, Option] = {}
         self.tasks: dict = {}
+        self.failures: dict[str, Failure] = {}
+        self.detectors: dict[str, Detector] = {}
         self.faults: dict[str, list[str]] = {}  # plugin name -> problems found while loading
         self._load_faults: dict[str, list[str]] = {}
 
@@ -220,6 +225,9 @@ class Registry:
         self.methods.clear()
         self.options.clear()
         self.tasks.clear()
+        self.failures.clear()
+        self.detectors.clear()
+        self._detector_plugins: dict[str, tuple[str, Detector]] = {}
         self.faults = {name: list(problems) for name, problems in self._load_faults.items()}
         for info in self.plugins.values():
             if info.plugin is None:
@@ -230,12 +238,32 @@ class Registry:
             for impl in self.pm.hook.po_declare_options.get_hookimpls():
                 if impl.plugin is info.plugin:
                     self._call_registration(info.name, impl.function, "po_declare_options", self._option_adder)
-            for impl in self.pm.hook.po_register_tasks.get_hookimpls():
-                if impl.plugin is info.plugin:
-                    self._call_registration(info.name, impl.function, "po_register_tasks", self._task_adder)
+            for hook, adder in (("po_register_tasks", self._task_adder), ("po_register_failures", self._failure_adder),
+                                ("po_register_detectors", self._detector_adder)):
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin is info.plugin:
+                        self._call_registration(info.name, impl.function, hook, adder)
 
         for name, method in self.methods.items():
             self.methods[name] = dataclasses.replace(method, side=self._derived_side(method))
+        self._check_failure_names()
+
+    def _check_failure_names(self) -> None:
+        """Every failure a method or detector names is in the vocabulary (a load fault of its plugin otherwise)."""
+        def unknown(names):
+            return [f"{name!r}{closest(name, self.failures)}" for name in names if name not in self.failures]
+
+        for method in self.methods.values():
+            for field_name in ("fixes", "risks"):
+                bad = unknown(getattr(method, field_name))
+                if bad:
+                    self._fault(method.plugin, f"method {method.name!r}: {field_name} names unknown failure(s) "
+                                               f"{', '.join(bad)}; see `po-registry failures`")
+        for name, (plugin, detector) in list(self._detector_plugins.items()):
+            bad = unknown([detector.failure])
+            if bad:
+                self._fault(plugin, f"detector {name!r} reports unknown failure {bad[0]}")
+                del self.detectors[name]
 
     def _derived_side(self, method: Method) -> str:
         """The factor(s) of J the method changes: the sides of the stage hooks its components implement."""
@@ -256,7 +284,7 @@ class Registry:
     def _method_adder(self, plugin: str):
         def register(name: str, components: Iterable[str] = (), options: Mapping[str, Any] | None = None,
                      replaces: Iterable[str] = (), summary: str = "", targets: str = "", paper: str = "",
-                     objective: Any = None) -> None:
+                     objective: Any = None, fixes: Iterable[str] = (), risks: Iterable[str] = ()) -> None:
             if name in self.methods:
                 other = self.methods[name].plugin
                 self._fault(plugin, f"method {name!r} is already registered by plugin {other!r}")
@@ -270,7 +298,7 @@ class Registry:
                                         f"function (args, options) -> Objective, got {type(objective).__name__}")
                     return
             self.methods[name] = Method(name, tuple(components), plugin, dict(options or {}), tuple(replaces),
-                                        "", summary, targets, paper, objective)
+                                        "", summary, targets, paper, objective, _names(fixes), _names(risks))
 
         return register
 
@@ -283,6 +311,33 @@ class Registry:
                 self._fault(other, f"option {name!r} is also declared by plugin {plugin!r}")
                 return
             self.options[name] = Option(name, default, plugin, help, type, tuple(choices) if choices else None, check)
+
+        return register
+
+    def _failure_adder(self, plugin: str):
+        def register(name: str, side: str, summary: str) -> None:
+            if side not in SIDES:
+                self._fault(plugin, f"failure {name!r}: side must be one of {', '.join(SIDES)}, got {side!r}")
+            elif name in self.failures:
+                other = self.failures[name].plugin
+                self._fault(plugin, f"failure {name!r} is already registered by plugin {other!r}")
+            else:
+                self.failures[name] = Failure(name, side, summary, plugin)
+
+        return register
+
+    def _detector_adder(self, plugin: str):
+        def register(detector: Detector) -> None:
+            missing = [a for a in ("name", "failure", "metrics", "defaults", "check") if not hasattr(detector, a)]
+            if missing:
+                self._fault(plugin, f"register({detector!r}): a detector needs {', '.join(missing)} "
+                                    "(po_registry.diagnostics.Detector)")
+            elif detector.name in self.detectors:
+                other = self._detector_plugins[detector.name][0]
+                self._fault(plugin, f"detector {detector.name!r} is already registered by plugin {other!r}")
+            else:
+                self.detectors[detector.name] = detector
+                self._detector_plugins[detector.name] = (plugin, detector)
 
         return register
 
@@ -344,6 +399,10 @@ class Registry:
             row["faults"] = self.faults.get(info.name, [])
             rows.append(row)
         return rows
+
+
+def _names(names: str | Iterable[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def _version(distribution: str) -> str:

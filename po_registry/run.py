@@ -388,6 +388,11 @@ def resolve_settings(args) -> tuple[dict, dict, dict]:
     trainer.update(explicit_trainer)
     options.update(explicit_options)
     options.update(dict(args.option or []))
+    if getattr(args, "detectors", None) is not None:
+        trainer["detectors"] = args.detectors
+    for detector, key, value in getattr(args, "threshold", None) or []:
+        thresholds = trainer["detector_thresholds"] = dict(trainer.get("detector_thresholds") or {})
+        thresholds[detector] = {**thresholds.get(detector, {}), key: value}
     return run, trainer, options
 
 
@@ -612,6 +617,7 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
                                         peft_config=peft_config, callbacks=[progress],
                                         rollout_func=task.rollout_function())
     trainer.remove_callback(PrinterCallback)
+    progress.watch(trainer.po_diagnostics)
     with StopOnSignal() as stop:
         trainer.add_callback(stop)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -627,6 +633,8 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
     if stop.requested:
         summary["interrupted"] = stop.requested
     summary["steps_without_reward_variance"] = progress.flat_steps
+    summary["findings"] = [{key: entry[key] for key in ("failure", "side", "step", "message", "detector")}
+                           for entry in (finding.as_dict() for finding in trainer.po_diagnostics.findings)]
     if progress.logged_steps and progress.flat_steps == progress.logged_steps:
         summary["warning"] = "no group had any reward variance on any step: nothing was learned from the reward"
         print(f"warning: {summary['warning']}. {FLAT_HINT}", file=sys.stderr)
@@ -639,6 +647,9 @@ def _fit(run_dir, run, task, config, model, tokenizer, reward, use_lora, resume_
     print(f"{task.name}: {task.metric} {before:.1%} -> {after:.1%} ({100 * (after - before):+.1f} points) in "
           f"{trainer.state.global_step} steps, {elapsed:.0f} s")
     print(f"wrote {run_dir}/: {target.name}/, metrics.jsonl, plot.png, config.yaml, summary.json")
+    if summary["findings"]:
+        print(f"{len(summary['findings'])} failure(s) detected ({', '.join(f['failure'] for f in summary['findings'])})"
+              f": po-registry diagnose {run_dir} shows the evidence and the methods that target them")
     return 0
 
 
@@ -692,10 +703,28 @@ class LiveProgress(TrainerCallback):
         self.eval_every, self.total = eval_every, total_steps
         self.accuracy, self.reward, self.bar = accuracy, None, None
         self.flat_steps, self.logged_steps, self.warned = 0, 0, False  # steps where no group had reward variance
+        self.diagnostics = None
 
     def _write(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def watch(self, diagnostics) -> None:
+        """Report the trainer's detector findings here (a warning line, a metrics.jsonl row) instead of as log
+        warnings, and give the detectors the held-out evaluations. A resumed run's earlier lines are replayed
+        first, so a failure found before the interruption is neither lost nor reported twice."""
+        self.diagnostics = diagnostics
+        diagnostics.listeners = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip():
+                    diagnostics.observe(json.loads(line))
+        diagnostics.listeners = [self._finding]
+
+    def _finding(self, finding) -> None:
+        self._write({"step": finding.step, "finding": finding.as_dict()})
+        message = f"warning: {finding.line()}"
+        (self.bar.write if self.bar is not None else print)(message)
 
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
@@ -704,9 +733,16 @@ class LiveProgress(TrainerCallback):
             return
         self.bar = tqdm(total=self.total, initial=state.global_step, desc="training", unit="step")
         if state.global_step == 0:
-            self._write({"step": 0, "eval_accuracy": self.accuracy})
+            self._evaluated({"step": 0, "eval_accuracy": self.accuracy})
+
+    def _evaluated(self, row: dict) -> None:
+        self._write(row)
+        if self.diagnostics is not None:
+            self.diagnostics.observe(row)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and "reward" not in logs and state.is_world_process_zero:
+            self._write({"step": state.global_step, **logs})  # a step that reused a generation (num_iterations)
         if logs and "reward" in logs and state.is_world_process_zero:
             self.reward = logs["reward"]
             self._write({"step": state.global_step, **logs})
@@ -725,7 +761,7 @@ class LiveProgress(TrainerCallback):
         step = state.global_step
         if step % self.eval_every == 0 or step == state.max_steps:
             self.accuracy = self.evaluate(model)
-            self._write({"step": step, "eval_accuracy": self.accuracy})
+            self._evaluated({"step": step, "eval_accuracy": self.accuracy})
         self.bar.update(step - self.bar.n)
         postfix = {"acc": f"{self.accuracy:.1%}"}
         if self.reward is not None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
@@ -24,10 +25,13 @@ from trl.data_utils import is_conversational
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
 from .context import RunContext
+from .diagnostics import Diagnostics, resolve_limits
 from .errors import CouplingWarning, OptionError
 from .pipeline import Pipeline, assemble
+from .registry import get_registry
 
 STATE_FILE = "po_registry_state.pt"
+logger = logging.getLogger("po_registry")
 
 # Model inputs besides ids and masks that TRL's rollout may carry (vision-language models).
 _EXTRA_MODEL_INPUTS = (
@@ -69,6 +73,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
                                      args=self.args, auxiliary=self.po_pipeline.auxiliary,
                                      add_callback=self.add_callback)
         self.po_pipeline.setup(self.po_context)
+        self.po_diagnostics = _diagnostics(args)
+        self.add_callback(_WatchLogs(self.po_diagnostics))
 
     @property
     def po_options(self) -> dict:
@@ -346,6 +352,27 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.exists(path):
             self.po_pipeline.load_state_dict(torch.load(path, weights_only=False))
+
+
+def _diagnostics(args) -> Diagnostics:
+    """The run's failure detectors, as the config chose them; a finding is logged as a warning (the command line
+    shows it on its progress display instead)."""
+    registry = get_registry()
+    limits = args.detector_limits() if hasattr(args, "detector_limits") else resolve_limits(registry.detectors, None,
+                                                                                            None)
+    return Diagnostics(registry.detectors, registry.failures, limits,
+                       listeners=[lambda finding: logger.warning("po-registry: %s", finding.line())])
+
+
+class _WatchLogs(TrainerCallback):
+    """Feeds each logged line of the main process to the detectors."""
+
+    def __init__(self, diagnostics: Diagnostics):
+        self.diagnostics = diagnostics
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.diagnostics.observe({"step": state.global_step, **logs})
 
 
 def _refuse_dropped_fsdp(trainer: GRPOTrainer) -> None:

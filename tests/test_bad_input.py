@@ -56,6 +56,13 @@ TRAIN_CASES = {
     "flag-seed-negative": ({}, ["--seed", "-3"], "expected an integer in [0, 2**32), got '-3'"),
     "flag-eval-size-zero": ({}, ["--eval-size", "0"], "expected a positive integer, got '0'"),
     "option-unknown": ({}, ["--option", "nope=1"], "unknown option 'nope'"),
+    "flag-detector-unknown": ({}, ["--detectors", "entropy"], "unknown detector 'entropy'"),
+    "flag-threshold-malformed": ({}, ["--threshold", "truncation=0.3"], "expected DETECTOR.THRESHOLD=NUMBER"),
+    "flag-threshold-unknown": ({}, ["--threshold", "truncation.limt=0.3"],
+                               "detector 'truncation' has no threshold 'limt'. Did you mean 'limit'?"),
+    "yaml-detector-thresholds-not-a-mapping": ({"c.yaml": "detector_thresholds: {truncation: 3}\n"},
+                                               ["--config", "{tmp}/c.yaml"],
+                                               "detector_thresholds['truncation'] must map threshold names"),
     "dense-rewards-with-a-per-sequence-estimator": (
         {}, ["--method", "process-reward,rloo", "--option", "process_reward_function=po_registry.oracle:a_steps"],
         "dense token rewards of plugin 'process-reward' (from method 'process-reward') would be dropped"),

@@ -18,7 +18,8 @@ def run_cli(capsys, *argv):
 
 
 def test_help_on_every_command(capsys):
-    for command in ([], ["train"], ["eval"], ["plugins"], ["methods"], ["explain"], ["tasks"]):
+    for command in ([], ["train"], ["eval"], ["plugins"], ["methods"], ["explain"], ["diagnose"], ["failures"],
+                    ["tasks"], ["new-plugin"]):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([*command, "--help"])
         assert exit_info.value.code == 0
@@ -116,6 +117,7 @@ def test_main_job_raises_accuracy_and_writes_a_loadable_run(capsys, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["accuracy_after"] > summary["accuracy_before"] + 0.03, summary
     assert 0.4 <= summary["accuracy_before"] <= 0.65  # the warm start gives RL a signal and room
+    assert summary["findings"] == []  # a healthy run: no detector fires
     assert {"adapter", "metrics.jsonl", "plot.png", "config.yaml", "summary.json"} <= {p.name for p in run_dir.iterdir()}
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -164,6 +166,7 @@ def test_default_job_as_the_readme_describes(capsys, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 150 and summary["accuracy_after"] >= 0.7, summary
     assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.1, summary
+    assert summary["findings"] == [], summary  # the default job is healthy: no detector fires
 
 
 class _TaskAndOption:

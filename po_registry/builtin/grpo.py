@@ -240,7 +240,8 @@ COMPONENTS = {
 
 
 class BaselineMethod:
-    """Registers the ``grpo`` method (every baseline component) and the embedded tasks."""
+    """Registers the ``grpo`` method (every baseline component), the embedded tasks, and the failure vocabulary and
+    detectors of :mod:`po_registry.diagnostics`."""
 
     @hookimpl
     def po_register_tasks(self, register):
@@ -248,6 +249,20 @@ class BaselineMethod:
 
         for task in BUILTIN_TASKS:
             register(task)
+
+    @hookimpl
+    def po_register_failures(self, register):
+        from ..diagnostics import FAILURES
+
+        for failure in FAILURES:
+            register(failure.name, failure.side, failure.summary)
+
+    @hookimpl
+    def po_register_detectors(self, register):
+        from ..diagnostics import DETECTORS
+
+        for detector in DETECTORS:
+            register(detector)
 
     @hookimpl
     def po_register_methods(self, register):

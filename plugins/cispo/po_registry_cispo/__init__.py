@@ -22,6 +22,7 @@ class CISPO:
             targets="PPO clipping drops the gradients of rare pivotal tokens over many off-policy updates",
             paper="arXiv 2506.13585",
             objective=Objective(aggregation="tokens"),  # at ratio 1 the weight is 1: the policy gradient
+            fixes=("clip-saturation",),
         )
 
     @hookimpl

@@ -27,7 +27,8 @@ class ClipHigher:
         register("clip-higher", components=["clip-higher"], paper=PAPER,
                  summary="DAPO's clip-higher (0.2 / 0.28) with the token-level loss",
                  targets="entropy collapse: a symmetric upper clip keeps low-probability exploration tokens down",
-                 objective=Objective(aggregation="tokens"))  # at ratio 1 no clip binds
+                 objective=Objective(aggregation="tokens"),  # at ratio 1 no clip binds
+                 fixes=("entropy-collapse",), risks=("entropy-explosion",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -57,7 +58,8 @@ class OverlongFilter:
         register("overlong-filter", components=["overlong-filter"], paper=PAPER,
                  summary="drop truncated completions from the loss",
                  targets="truncated samples punished as wrong inject reward noise",
-                 objective=Objective(drop_truncated=True))
+                 objective=Objective(drop_truncated=True),
+                 fixes=("truncation",))
 
     @hookimpl
     def po_select_samples(self, batch):
@@ -81,7 +83,8 @@ class OverlongReward:
                  targets="over-long answers; a smooth penalty instead of a cliff at the length cap",
                  objective=Objective(shaping=(Rule("soft overlong penalty", lambda world, options: soft_overlong_penalty(
                      world.lengths, world.max_completion_length,
-                     max(1, round(options["overlong_cache_fraction"] * world.max_completion_length)))),)))
+                     max(1, round(options["overlong_cache_fraction"] * world.max_completion_length)))),)),
+                 fixes=("truncation", "length-drift"))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -125,7 +128,8 @@ class DynamicSampling:
         register("dynamic-sampling", components=["dynamic-sampling"], paper=PAPER,
                  summary="drop all-equal-reward groups and refill the batch with fresh prompts",
                  targets="groups with zero reward variance give no gradient (A = 0/0) and shrink the effective batch",
-                 objective=Objective(drop_equal_groups=True))
+                 objective=Objective(drop_equal_groups=True),
+                 fixes=("zero-variance-groups",), risks=("generation-cost",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -151,4 +155,6 @@ class DAPO:
                  paper=PAPER,
                  summary="DAPO: clip-higher, token-level loss, overlong filtering and shaping, dynamic sampling",
                  targets="clip-variance coupling: entropy collapse with vanishing group variance",
-                 objective=Objective())  # its four components' declarations
+                 objective=Objective(),  # its four components' declarations
+                 fixes=("entropy-collapse", "zero-variance-groups", "truncation", "length-drift"),
+                 risks=("entropy-explosion", "generation-cost"))

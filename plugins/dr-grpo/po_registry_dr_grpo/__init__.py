@@ -22,6 +22,7 @@ class DrGRPO:
             targets="length bias (1/|o| favours short right and long wrong answers) and difficulty bias (std)",
             paper="arXiv 2503.20783",
             objective=Objective(advantage="mean", aggregation="max_length"),
+            fixes=("length-drift",),
         )
 
     @hookimpl

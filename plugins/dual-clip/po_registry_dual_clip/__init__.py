@@ -22,6 +22,7 @@ class DualClip:
             targets="a very large ratio on a negative-advantage token yields an unbounded, destabilising update",
             paper="arXiv 1912.09729",
             objective=Objective(),  # at ratio 1 neither clip binds: the baseline's policy gradient
+            fixes=("ratio-outliers",),
         )
 
     @hookimpl

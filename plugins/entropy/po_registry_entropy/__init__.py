@@ -66,7 +66,8 @@ class HighEntropyTokens:
                  summary="80/20 rule: policy gradient only on the top-entropy (forking) tokens",
                  targets="low-entropy tokens dominate the update and reinforce collapse", paper="arXiv 2506.01939",
                  objective=lambda args, options: Objective(
-                     token_weights=(top_entropy_tokens(options["entropy_top_quantile"]),)))
+                     token_weights=(top_entropy_tokens(options["entropy_top_quantile"]),)),
+                 fixes=("entropy-collapse",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -107,7 +108,8 @@ class ClipCov:
         register("clip-cov", components=["clip-cov"], paper=COV_PAPER, targets=COV_TARGET,
                  summary="Clip-Cov: drop the gradient of a few random tokens with high covariance",
                  objective=Objective(unmodelled="the gradient of a random fraction of high-covariance tokens is "
-                                                "removed"))
+                                                "removed"),
+                 fixes=("entropy-collapse",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -153,7 +155,8 @@ class KLCov:
 
         register("kl-cov", components=["kl-cov"], paper=COV_PAPER, targets=COV_TARGET,
                  summary="KL-Cov: a KL penalty to the behaviour policy on the top-k covariance tokens",
-                 objective=Objective())  # at ratio 1: -r A is the policy gradient, |log r| has zero gradient
+                 objective=Objective(),  # at ratio 1: -r A is the policy gradient, |log r| has zero gradient
+                 fixes=("entropy-collapse",))
 
     @hookimpl
     def po_declare_options(self, register):

@@ -26,6 +26,7 @@ class GMPO:
             targets="outlier token ratios dominate the arithmetic mean and force narrow clips that kill exploration",
             paper="arXiv 2507.20673",
             objective=Objective(aggregation="length"),  # at ratio 1: A (1/|o|) sum_t grad log pi per sequence
+            fixes=("ratio-outliers",),
         )
 
     @hookimpl

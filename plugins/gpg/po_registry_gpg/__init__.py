@@ -18,7 +18,8 @@ class GPG:
         register("gpg", components=["gpg"], paper="arXiv 2504.02546",
                  summary="GPG: plain policy gradient, mean-centred advantages scaled by B/(B-M)",
                  targets="degenerate groups (all-equal rewards) dilute the gradient of the batch",
-                 objective=Objective(advantage="mean", scale="free", aggregation="tokens"))  # alpha: a batch scale
+                 objective=Objective(advantage="mean", scale="free", aggregation="tokens"),  # alpha: a batch scale
+                 fixes=("zero-variance-groups",))
 
     @hookimpl
     def po_check_config(self, args):

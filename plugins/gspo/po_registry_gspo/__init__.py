@@ -31,6 +31,7 @@ class GSPO:
                     "volatility",
             paper="arXiv 2507.18071",
             objective=Objective(aggregation="length"),  # at ratio 1: A (1/|y|) sum_t grad log pi per sequence
+            fixes=("ratio-outliers",),
         )
 
     @hookimpl

@@ -32,6 +32,7 @@ class KLPenalty:
             paper="http://joschu.net/blog/kl-approx.html; arXiv 2512.02556 (importance-corrected)",
             objective=lambda args, options: Objective(kl_reference=args.beta, terms=(Term(in_loss_divergence(
                 options["kl_estimator"], options["kl_importance_correction"]), args.beta),)),
+            fixes=("kl-blowup", "entropy-explosion"),
         )
 
     @hookimpl
@@ -70,6 +71,7 @@ class KLReward:
             paper="PPO/RLOO/REINFORCE++ (arXiv 2501.03262)",
             objective=lambda args, options: Objective(kl_reference=args.beta, dense=(
                 Dense("reference", args.beta, gamma=1.0, estimator=options["kl_reward_estimator"]),)),
+            fixes=("kl-blowup", "entropy-explosion"),
         )
 
     @hookimpl

@@ -214,7 +214,8 @@ class PureOPD:
                      not_applicable="the full-vocabulary divergence needs the student model" if options[
                          "opd_divergence"] == "full" else "", reward=0.0, kl_teacher=1.0, advantage="zero",
                      dense=(Dense("teacher", 1.0, gamma=options["opd_gamma"], clip=options["opd_clip"]),),
-                     needs={"teacher": "teacher"}))
+                     needs={"teacher": "teacher"}),
+                 fixes=("sparse-credit", "teacher-divergence"))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -278,7 +279,8 @@ class TeacherRatio:
                  objective=Objective(needs={"teacher": "teacher"}, token_weights=(Rule(
                      "teacher ratio weights min(exp(lambda r_t), cap)", lambda world, options: torch.exp(
                          options["opd_lambda"] * world.teacher_log_ratio(options["opd_clip"])).clamp(
-                         max=options["opd_ratio_cap"])),)))
+                         max=options["opd_ratio_cap"])),)),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -306,7 +308,8 @@ class TeacherAdvantage:
                  targets="sparse verifier reward: dense per-token credit from a teacher",
                  objective=lambda args, options: Objective(  # each token its own log-ratio: a token-level KL
                      kl_teacher=options["opd_lambda"], needs={"teacher": "teacher"},
-                     dense=(Dense("teacher", options["opd_lambda"], gamma=0.0, clip=options["opd_clip"]),)))
+                     dense=(Dense("teacher", options["opd_lambda"], gamma=0.0, clip=options["opd_clip"]),)),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_check_config(self, args, assembly):
@@ -334,7 +337,8 @@ class TeacherReward:
                      needs={"teacher": "teacher"},
                      shaping=(Rule("lambda x mean teacher log-ratio", lambda world, options: options["opd_lambda"]
                                    * world.teacher_log_ratio(options["opd_clip"]).sum(1)
-                                   / world.loss_tokens.clamp(min=1.0)),))))
+                                   / world.loss_tokens.clamp(min=1.0)),))),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_check_config(self, args):
@@ -372,7 +376,8 @@ class TeacherKL:
                      not_applicable="the full-vocabulary divergence needs the student model" if options[
                          "opd_divergence"] == "full" else "", kl_teacher=options["opd_lambda"],
                      terms=(Term("reverse_kl", options["opd_lambda"], against="teacher"),),
-                     needs={"teacher": "teacher"}))
+                     needs={"teacher": "teacher"}),
+                 fixes=("teacher-divergence",))
 
     @hookimpl
     def po_token_penalty(self, batch):

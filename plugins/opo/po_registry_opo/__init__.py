@@ -20,7 +20,8 @@ class OPO:
                  targets="gradient variance: the plain group mean is not the variance-minimising baseline",
                  objective=Objective(advantage=Rule("length-weighted group baseline", lambda rewards, lengths, _:
                                                     rewards - (lengths * rewards).sum(1, keepdim=True)
-                                                    / lengths.sum(1, keepdim=True).clamp(min=1.0))))
+                                                    / lengths.sum(1, keepdim=True).clamp(min=1.0))),
+                 fixes=("gradient-variance",))
 
     @hookimpl
     def po_compute_advantages(self, rewards, batch):

@@ -77,12 +77,14 @@ class Critic:
         register("ppo", components=["ppo-critic"], paper=PPO_PAPER,
                  summary="PPO with a learned critic: GAE advantages from a value model trained with a clipped loss",
                  targets="Monte Carlo variance of critic-free baselines; per-token credit from a value function",
-                 objective=critic)
+                 objective=critic,
+                 fixes=("gradient-variance", "sparse-credit"))
         register("vapo", components=["ppo-critic", "positive-nll", "clip-higher"], paper=VAPO_PAPER,
                  options={"ppo_critic_lambda": 1.0, "ppo_length_adaptive_alpha": 0.05, "ppo_critic_warmup_steps": 50},
                  summary="VAPO: value pretraining, decoupled and length-adaptive GAE, clip-higher, positive NLL",
                  targets="value bias on long sequences, heterogeneous lengths and sparse rewards in PPO",
-                 objective=critic)  # with positive-nll's and clip-higher's declarations
+                 objective=critic,  # with positive-nll's and clip-higher's declarations
+                 fixes=("gradient-variance", "sparse-credit", "entropy-collapse"), risks=("entropy-explosion",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -196,7 +198,8 @@ class PositiveNLL:
                  summary="an NLL loss on the tokens of completions whose reward reaches a threshold",
                  targets="correct samples the policy-gradient signal underuses (sparse rewards)",
                  objective=lambda args, options: Objective(terms=(Term(
-                     "positive_nll", options["positive_nll_coef"], threshold=options["positive_nll_threshold"]),)))
+                     "positive_nll", options["positive_nll_coef"], threshold=options["positive_nll_threshold"]),)),
+                 fixes=("zero-variance-groups",))
 
     @hookimpl
     def po_declare_options(self, register):

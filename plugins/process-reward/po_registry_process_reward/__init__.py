@@ -44,7 +44,8 @@ class ProcessReward:
         register("process-reward", components=["process-reward"], paper="arXiv 2402.03300 (§4.1.3)",
                  summary="process rewards: per-step or per-token rewards normalised per group, summed to the end",
                  targets="coarse outcome credit: one scalar for every token of a long answer",
-                 objective=Objective(group_dense=(process_supervision("process_reward_function"),)))
+                 objective=Objective(group_dense=(process_supervision("process_reward_function"),)),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_declare_options(self, register):

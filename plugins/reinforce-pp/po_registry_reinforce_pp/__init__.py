@@ -30,7 +30,8 @@ class ReinforcePP:
                      not_applicable="a discount < 1 of the outcome's return is not modelled" if options[
                          f"{self.name.replace('-', '_')}_gamma"] < 1 else "",
                      kl_reference=args.beta or None, advantage="mean" if self.baseline else "none", scale="free",
-                     dense=(Dense("reference", args.beta),) if args.beta else ()))
+                     dense=(Dense("reference", args.beta),) if args.beta else ()),
+                 fixes=("gradient-variance",))
 
     @hookimpl
     def po_declare_options(self, register):

@@ -25,7 +25,8 @@ class ReMax:
         register("remax", components=["remax"], paper=PAPER,
                  summary="ReMax: the reward of a greedy decode of the same prompt is the baseline",
                  targets="REINFORCE's variance, without a critic (one extra greedy generation per prompt)",
-                 objective=Objective(advantage="greedy"))
+                 objective=Objective(advantage="greedy"),
+                 fixes=("gradient-variance",), risks=("generation-cost",))
 
     @hookimpl
     def po_check_config(self, args):

@@ -28,7 +28,8 @@ class RLOO:
                  summary="RLOO: leave-one-out baseline, each completion against the mean of its siblings",
                  targets="the group mean includes the sample itself, biasing GRPO's baseline", paper="arXiv 2402.14740",
                  objective=lambda args, options: Objective(  # normalised over the batch: a batch-set scale
-                     advantage="leave_one_out", scale="free" if options["rloo_normalize_advantages"] else None))
+                     advantage="leave_one_out", scale="free" if options["rloo_normalize_advantages"] else None),
+                 fixes=("gradient-variance",))
 
     @hookimpl
     def po_declare_options(self, register):

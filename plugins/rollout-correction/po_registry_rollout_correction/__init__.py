@@ -25,7 +25,8 @@ class RolloutCorrection:
                  summary="truncated (TIS) or masked (MIS) importance sampling for sampler/trainer mismatch",
                  targets="the rollout engine's probabilities differ from the trainer's: on-policy RL is off-policy",
                  paper="https://fengyao.notion.site/off-policy-rl; IcePop",
-                 objective=Objective())  # no sampler log-probs on-policy: no correction
+                 objective=Objective(),  # no sampler log-probs on-policy: no correction
+                 fixes=("sampler-mismatch",))
 
     @hookimpl
     def po_declare_options(self, register):

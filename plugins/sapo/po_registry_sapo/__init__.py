@@ -23,6 +23,7 @@ class SAPO:
             targets="hard clipping zeroes gradients abruptly and discards informative off-policy tokens",
             paper="arXiv 2511.20347",
             objective=Objective(aggregation="length"),  # f'(1) = 1: the policy gradient, sequence-mean aggregated
+            fixes=("clip-saturation",),
         )
 
     @hookimpl

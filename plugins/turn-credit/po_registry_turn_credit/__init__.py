@@ -67,7 +67,8 @@ class TurnAdvantage:
                  # J = E[sum_k r_k] (the outcome is the sum of the turn rewards); the outcome z-score on every token,
                  # plus lambda times the intermediate turns' rewards z-scored again: std scaling and a biased turn term.
                  objective=Objective(reward=1.0, advantage="zscore", group_dense=(mt_grpo_turn_credit(),),
-                                     setups=("turns",)))
+                                     setups=("turns",)),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -96,7 +97,8 @@ class GiGPO:
                  # The episode z-score on every token, plus omega times each step's discounted return z-scored
                  # within its anchor state: std scaling and the step term's bias from E[sum_k r_k].
                  objective=Objective(reward=1.0, advantage="zscore", group_dense=(gigpo_step_credit(),),
-                                     setups=("turns",)))
+                                     setups=("turns",)),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_declare_options(self, register):
@@ -153,7 +155,8 @@ class TurnReturn:
                  # Reward-to-go over turns with the group's same-turn returns as baseline: std scaling, and with
                  # gamma < 1 the later turns' rewards discounted in the earlier turns' credit.
                  objective=Objective(reward=1.0, advantage="zero", group_dense=(turn_return_credit(),),
-                                     setups=("turns",)))
+                                     setups=("turns",)),
+                 fixes=("sparse-credit",))
 
     @hookimpl
     def po_declare_options(self, register):
