@@ -148,6 +148,7 @@ class Registry:
         self.tasks: dict = {}
         self.failures: dict[str, Failure] = {}
         self.detectors: dict[str, Detector] = {}
+        self._detector_plugins: dict[str, str] = {}  # detector name -> the plugin that registered it
         self.faults: dict[str, list[str]] = {}  # plugin name -> problems found while loading
         self._load_faults: dict[str, list[str]] = {}
 
@@ -227,7 +228,7 @@ class Registry:
         self.tasks.clear()
         self.failures.clear()
         self.detectors.clear()
-        self._detector_plugins: dict[str, tuple[str, Detector]] = {}
+        self._detector_plugins.clear()
         self.faults = {name: list(problems) for name, problems in self._load_faults.items()}
         for info in self.plugins.values():
             if info.plugin is None:
@@ -259,10 +260,10 @@ class Registry:
                 if bad:
                     self._fault(method.plugin, f"method {method.name!r}: {field_name} names unknown failure(s) "
                                                f"{', '.join(bad)}; see `po-registry failures`")
-        for name, (plugin, detector) in list(self._detector_plugins.items()):
+        for name, detector in list(self.detectors.items()):
             bad = unknown([detector.failure])
             if bad:
-                self._fault(plugin, f"detector {name!r} reports unknown failure {bad[0]}")
+                self._fault(self._detector_plugins[name], f"detector {name!r} reports unknown failure {bad[0]}")
                 del self.detectors[name]
 
     def _derived_side(self, method: Method) -> str:
@@ -333,11 +334,11 @@ class Registry:
                 self._fault(plugin, f"register({detector!r}): a detector needs {', '.join(missing)} "
                                     "(po_registry.diagnostics.Detector)")
             elif detector.name in self.detectors:
-                other = self._detector_plugins[detector.name][0]
+                other = self._detector_plugins[detector.name]
                 self._fault(plugin, f"detector {detector.name!r} is already registered by plugin {other!r}")
             else:
                 self.detectors[detector.name] = detector
-                self._detector_plugins[detector.name] = (plugin, detector)
+                self._detector_plugins[detector.name] = plugin
 
         return register
 

@@ -358,8 +358,10 @@ def _diagnostics(args) -> Diagnostics:
     """The run's failure detectors, as the config chose them; a finding is logged as a warning (the command line
     shows it on its progress display instead)."""
     registry = get_registry()
-    limits = args.detector_limits() if hasattr(args, "detector_limits") else resolve_limits(registry.detectors, None,
-                                                                                            None)
+    if hasattr(args, "detector_limits"):
+        limits = args.detector_limits()
+    else:  # a plain GRPOConfig: every detector at its defaults
+        limits = resolve_limits(registry.detectors, None, None)
     return Diagnostics(registry.detectors, registry.failures, limits,
                        listeners=[lambda finding: logger.warning("po-registry: %s", finding.line())])
 
