@@ -72,3 +72,22 @@ def test_the_cli_under_torchrun_writes_one_run_and_resumes(tmp_path, model_cache
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 3, 5]
     assert json.loads((runs[0] / "summary.json").read_text())["steps"] == 5
+
+
+def test_detectors_report_once_under_torchrun(tmp_path, model_cache):
+    """Two processes, one run: a provoked failure (a cap that truncates every completion) is reported once, by the
+    main process, in metrics.jsonl, summary.json and on the console."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PO_REGISTRY_CACHE": str(model_cache)}
+    (tmp_path / "cap.yaml").write_text("max_completion_length: 1\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "po_registry", "train", "--steps", "4", "--eval-every", "4", "--eval-size",
+               "16", "--config", "cap.yaml", "--output-dir", "run"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["finding"]["failure"] for row in rows if "finding" in row] == ["zero-variance-groups", "truncation"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [f["failure"] for f in summary["findings"]] == ["zero-variance-groups", "truncation"]
+    console = done.stdout + done.stderr
+    assert console.count("warning: truncation (reward side) from step 1") == 1
+    assert done.stdout.count("2 failure(s) detected") == 1
