@@ -145,7 +145,8 @@ def diagnose(path: Path, detectors: list[str] | None = None, thresholds: dict | 
     registry = registry or get_registry()
     rows, source = read_log(path)
     limits = resolve_limits(registry.detectors, detectors, thresholds)
-    findings = replay(rows, registry.detectors, registry.failures, limits)
+    replayed = replay(rows, registry.detectors, registry.failures, limits)
+    findings = replayed.findings
     per_failure, compound = recommend(findings, registry)
     out = out or (source.parent / REPORT_DIRECTORY)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def diagnose(path: Path, detectors: list[str] | None = None, thresholds: dict | 
                                 for c in per_failure[finding.failure]]
         if plots:
             figure = out / f"{finding.failure}.png"
-            plot_finding(finding, figure, History(rows))
+            plot_finding(finding, figure, replayed.history)
             entry["plot"] = str(figure)
         result["findings"].append(entry)
     if len({finding.side for finding in findings}) == 2:

@@ -81,20 +81,12 @@ class Finding:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
-        evidence = {name: [(int(s), float(v)) for s, v in pairs] for name, pairs in data["evidence"].items()}
-        return cls(data["detector"], data["failure"], data["side"], int(data["step"]), data["message"], evidence,
-                   dict(data.get("limits", {})))
-
 
 class History:
     """A run's logged metrics, metric by metric: (step, value) pairs in logging order (non-numbers are skipped)."""
 
-    def __init__(self, rows: Iterable[Mapping[str, Any]] = ()):
+    def __init__(self):
         self.series: dict[str, list[tuple[int, float]]] = {}
-        for row in rows:
-            self.add(row)
 
     def add(self, row: Mapping[str, Any]) -> None:
         step = row.get("step")
@@ -338,9 +330,10 @@ class Diagnostics:
 
 
 def replay(rows: Iterable[Mapping[str, Any]], detectors: Mapping[str, Detector], failures: Mapping[str, Failure],
-           limits: Mapping[str, Mapping[str, float]]) -> list[Finding]:
-    """The findings of a logged run, as its training would have found them (line by line)."""
+           limits: Mapping[str, Mapping[str, float]]) -> Diagnostics:
+    """A logged run read line by line, as its training would have read it: the detectors' ``findings`` and the
+    whole ``history``."""
     diagnostics = Diagnostics(detectors, failures, limits)
     for row in rows:
         diagnostics.observe(row)
-    return diagnostics.findings
+    return diagnostics

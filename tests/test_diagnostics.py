@@ -22,7 +22,8 @@ def _rows(metric, values, start=1):
 
 
 def _found(rows, **thresholds):
-    return {f.detector: f for f in replay(rows, BUILTIN, VOCABULARY, resolve_limits(BUILTIN, None, thresholds))}
+    limits = resolve_limits(BUILTIN, None, thresholds)
+    return {f.detector: f for f in replay(rows, BUILTIN, VOCABULARY, limits).findings}
 
 
 # -- detectors on hand-made histories --------------------------------------------------------------------------
