@@ -170,6 +170,7 @@ class LossBatch:
     step: int = 0
     max_steps: int = 0  # the run's optimizer steps (0: not known)
     training: bool = True
+    ends_optimizer_step: bool = True  # the last micro-batch of its optimizer step's accumulation window
     auxiliary: Mapping[str, Any] = field(default_factory=dict)  # the run's auxiliary models (RunContext)
     log_metric: Callable[[str, float], None] = _ignore_metric
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over processes

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--steps", type=_positive_int, help="optimizer steps (default 150)")
     train.add_argument("--learning-rate", type=_positive_float, help="default 5e-4 with LoRA, 5e-5 without")
-    train.add_argument("--config", help="YAML file: any of these options and any PolicyOptimizationConfig field")
+    train.add_argument("--config", action="append", help="YAML file: any of these options and any "
+                       "PolicyOptimizationConfig field (repeatable: a later file overrides an earlier one)")
     train.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE",
                        help="an option of the chosen methods' plugins (repeatable)")
     train.add_argument("--output-dir", help="where the run is written (default: runs/<task>-<methods>)")
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--eval-size", type=_positive_int, default=256, help="held-out problems (default 256)")
     compare.add_argument("--learning-rate", type=_positive_float, help="for every run (default: train's)")
     compare.add_argument("--config", help="YAML settings for every run (as train's --config)")
+    compare.add_argument("--method-config", action="append", type=_key_value, metavar="METHOD=FILE",
+                         help="YAML settings for one method's runs, over --config (repeatable; e.g. kl=kl.yaml "
+                         "with beta: 0.04)")
     compare.add_argument("--output-dir", default="compare", help="where runs and the leaderboard go "
                          "(default: compare/; runs already there are read, not retrained)")
     compare.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
@@ -321,7 +325,7 @@ def _diagnose(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import compare, leaderboard_markdown
+    from .compare import BASELINE, compare, leaderboard_markdown
     from .registry import get_registry
 
     registry = get_registry()
@@ -339,9 +343,16 @@ def _compare(args) -> int:
         train_args += ["--learning-rate", str(args.learning_rate)]
     if args.config:
         train_args += ["--config", args.config]
+    method_configs = {}
+    for method, source in args.method_config or []:
+        if method not in (*methods, BASELINE):
+            fail("compare", f"--method-config {method}={source}: {method!r} is not among the compared methods")
+        if not Path(source).is_file():
+            fail("compare", f"--method-config {method}={source}: no such file")
+        method_configs[method] = Path(source)
     board = compare(methods, tasks, args.seeds, Path(args.output_dir), train_args,
                     train=lambda argv: main(["train", *argv]),
-                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+                    progress=lambda line: print(line, file=sys.stderr, flush=True), method_configs=method_configs)
     print(json.dumps(board, indent=2) if args.json else leaderboard_markdown(board))
     if not args.json:
         print(f"wrote {args.output_dir}/: leaderboard.md, leaderboard.json, " + ", ".join(f"{t}.png" for t in

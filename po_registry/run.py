@@ -369,10 +369,12 @@ def resolve_settings(args) -> tuple[dict, dict, dict]:
         for part, values in zip((run, trainer, options), _settings_from(saved, fields)):
             part.update(values)
     explicit_run, explicit_trainer, explicit_options = ({}, {}, {})
-    if args.config:
-        if not Path(args.config).is_file():
-            fail("train", f"--config {args.config}: no such file")
-        explicit_run, explicit_trainer, explicit_options = _settings_from(Path(args.config), fields)
+    for source in args.config or []:
+        if not Path(source).is_file():
+            fail("train", f"--config {source}: no such file")
+        for part, values in zip((explicit_run, explicit_trainer, explicit_options), _settings_from(Path(source),
+                                                                                                 fields)):
+            part.update(values)
     explicit_run.update(_flag_settings(args))
     if not args.resume:  # a resumed run's saved settings already hold its model's recipe
         for key, value in model_recipe(explicit_run.get("model")).items():

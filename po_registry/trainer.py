@@ -225,6 +225,9 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         if self.use_vllm:
             raise NotImplementedError("greedy baselines are decoded with transformers; they are not available "
                                       "with use_vllm=True")
+        if self.rollout_func is not None:  # one greedy turn is not an episode of the environment
+            raise NotImplementedError("greedy baselines decode a single turn; they are not available with a "
+                                      "rollout function (multi-turn episodes)")
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(out["prompt_ids"], out["prompt_mask"])]
         firsts = [i for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1]]
         greedy = {key: value for key, value in self.generation_kwargs.items()
@@ -247,6 +250,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         prompt_texts = [row["prompt"] for row in inputs]
         rewards = GRPOTrainer._calculate_rewards(self, inputs, prompt_texts, completions, completion_ids)
         lengths, truncated = self._lengths_and_truncation(completion_ids, rewards.device)
+        decodes = self.accelerator.gather(torch.tensor([float(len(firsts))], device=rewards.device)).sum().item()
+        self._metrics[self._mode()]["greedy/decodes"].append(decodes)
         return rewards, lengths, truncated
 
     def _refill(self, inputs, out, kept_groups, rounds: int):
@@ -325,6 +330,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             step=self.state.global_step,
             max_steps=self.state.max_steps,
             training=training,
+            ends_optimizer_step=self.accelerator.sync_gradients,
             auxiliary=self.po_pipeline.auxiliary,
             log_metric=self._metric_logger(mode),
             reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),

@@ -81,6 +81,10 @@ def cases(teacher: str) -> dict[str, dict]:
         "opd (full divergence)": case(["opd"], {**opd, "opd_divergence": "full"}),
         "opd-kl (full divergence)": case(["opd-kl"], {**opd, "opd_divergence": "full"}),
         "grpo (beta, entropy quantile)": case(["grpo"], beta=0.04, top_entropy_quantile=0.5),
+        # each micro-batch ends an optimizer step here: the controller measures the first, applies to the second
+        "grpo (adaptive entropy, entropy quantile)": case(["grpo"], use_adaptive_entropy=True, entropy_coef=0.02,
+                                                          entropy_coef_delta=0.05, entropy_target=100.0,
+                                                          top_entropy_quantile=0.5),
         "grpo (loss_type grpo, mask truncated)": case(["grpo"], loss_type="grpo", mask_truncated_completions=True),
         "grpo (guess: environment holes)": case(["grpo"], task="guess"),
         "ppo (guess: environment holes)": case(["ppo"], task="guess"),

@@ -22,7 +22,13 @@ def test_the_leaderboard_reads_equal_steps_and_equal_time_with_the_spread_over_s
         run("grpo", 1, [(0, 0.5), (10, 0.7), (20, 0.8)], [(0, 0.0), (10, 5.0), (20, 10.0)]),
         run("slow", 0, [(0, 0.5), (10, 0.9), (20, 0.95)], [(0, 0.0), (10, 11.0), (20, 22.0)], 128),
     ]
-    table = leaderboard(runs, {"gigpo": "needs a multi-turn task"})["tasks"]["addition"]
+    board = leaderboard([*runs, Run("guess", "gigpo", 0, [(0, 0.4)], {}, [(0, 0.0)], 64)],
+                        {("addition", "gigpo"): "needs a multi-turn task", ("reverse", "remax"): "refused"})
+    table = board["tasks"]["addition"]
+    assert table["skipped"] == {"gigpo": "needs a multi-turn task"} and board["tasks"]["guess"]["skipped"] == {}
+    assert [row["method"] for row in board["tasks"]["guess"]["rows"]] == ["gigpo"]
+    assert board["tasks"]["reverse"] == {"final_step": 0, "time_budget": 0.0, "rows": [],
+                                         "skipped": {"remax": "refused"}}  # a task where nothing ran is listed
     assert table["final_step"] == 20 and table["time_budget"] == 10.0
     grpo, slow = table["rows"]
     assert grpo["method"] == "grpo" and grpo["accuracy"] == pytest.approx(0.75)
@@ -35,21 +41,22 @@ def test_the_leaderboard_reads_equal_steps_and_equal_time_with_the_spread_over_s
 
 def test_compare_trains_each_method_on_one_budget_and_reads_finished_runs_back(capsys, tmp_path):
     out = tmp_path / "board"
-    argv = ["compare", "--method", "dr-grpo", "--method", "gigpo", "--seeds", "0,1", "--steps", "3", "--eval-every",
-            "3", "--eval-size", "32", "--output-dir", str(out)]
+    (tmp_path / "kl.yaml").write_text("beta: 0.04\n")
+    argv = ["compare", "--method", "kl", "--method", "gigpo", "--seeds", "0,1", "--steps", "3", "--eval-every",
+            "3", "--eval-size", "32", "--output-dir", str(out), "--method-config", f"kl={tmp_path / 'kl.yaml'}"]
     code, printed, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert err.count("addition") == 5  # grpo x 2, dr-grpo x 2, gigpo once (then skipped)
+    assert err.count("addition") == 5  # grpo x 2, kl x 2, gigpo once (then skipped)
     board = json.loads((out / "leaderboard.json").read_text())
     rows = board["tasks"]["addition"]["rows"]
-    assert [row["method"] for row in rows][0] == "grpo" and {row["method"] for row in rows} == {"grpo", "dr-grpo"}
+    assert [row["method"] for row in rows][0] == "grpo" and {row["method"] for row in rows} == {"grpo", "kl"}
     assert all(row["seeds"] == [0, 1] and row["generations"] == 3 * 64 for row in rows)
-    assert "the rows carry no turn structure" in board["skipped"]["gigpo"]  # it needs a multi-turn task
-    assert "| `grpo` | 2 |" in printed and "Not run: `gigpo`" in printed
+    assert "the rows carry no turn structure" in board["tasks"]["addition"]["skipped"]["gigpo"]  # multi-turn only
+    assert "| `grpo` | 2 |" in printed and "| `kl` (beta=0.04) | 2 |" in printed and "Not run: `gigpo`" in printed
     assert (out / "addition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for method in ("grpo", "dr-grpo"):
+    for method, beta in (("grpo", "0.0"), ("kl", "0.04")):  # the method's own settings reach its runs only
         config = (out / "addition" / method / "seed-1" / "config.yaml").read_text()
-        assert "steps: 3" in config and "seed: 1" in config
+        assert "steps: 3" in config and "seed: 1" in config and f"beta: {beta}\n" in config
     # a second call reads the finished runs: nothing is trained again, the table is the same
     stamp = (out / "addition" / "grpo" / "seed-0" / "summary.json").stat().st_mtime_ns
     code, again, err = run_cli(capsys, *argv, "--json")
@@ -66,3 +73,8 @@ def test_bad_compare_input_is_one_line_and_exit_2(capsys, tmp_path):
     assert code == 2 and "--task 'adition': unknown task" in err
     code, _, err = run_cli(capsys, "compare", "--method", "dapo", "--seeds", "0,x")
     assert code == 2 and "--seeds" in err
+    code, _, err = run_cli(capsys, "compare", "--method", "dapo", "--method-config", "kl=kl.yaml")
+    assert code == 2 and err.strip() == ("po-registry compare: error: --method-config kl=kl.yaml: 'kl' is not among "
+                                         "the compared methods")
+    code, _, err = run_cli(capsys, "compare", "--method", "kl", "--method-config", f"kl={tmp_path / 'none.yaml'}")
+    assert code == 2 and "none.yaml: no such file" in err

@@ -73,12 +73,16 @@ def test_bad_objective_shape_names_the_plugin_and_step(plugins, tiny_model_dir, 
 
 
 def test_invalid_baseline_flag_fails_when_the_config_is_built(tmp_path):
-    with pytest.raises(OptionError, match="plugin 'clip-objective': loss_type='cispo' is not a clipped-surrogate"):
+    with pytest.raises(OptionError, match="plugin 'clip-objective': loss_type='cispo' is not a clipped-surrogate.*"
+                                          "the method 'cispo' \\(--method cispo\\)"):
         PolicyOptimizationConfig(**base_config(tmp_path, loss_type="cispo"))
     with pytest.raises(OptionError, match="plugin 'policy-ratio': importance_sampling_level must be"):
         PolicyOptimizationConfig(**base_config(tmp_path, importance_sampling_level="turn"))
-    with pytest.raises(OptionError, match="plugin 'entropy-bonus': use_adaptive_entropy"):
-        PolicyOptimizationConfig(**base_config(tmp_path, use_adaptive_entropy=True))
+    with pytest.raises(OptionError, match="plugin 'entropy-bonus': use_adaptive_entropy needs 0 <= entropy_coef_min "
+                                          "<= entropy_coef_max, got 0.5 and 0.1"):
+        PolicyOptimizationConfig(**base_config(tmp_path, use_adaptive_entropy=True, entropy_coef_min=0.5,
+                                               entropy_coef_max=0.1))
+    PolicyOptimizationConfig(**base_config(tmp_path, use_adaptive_entropy=True))  # accepted (TRL's controller)
 
 
 def test_unknown_method_and_option_fail_when_the_config_is_built(tmp_path):

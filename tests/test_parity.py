@@ -141,3 +141,45 @@ def test_entropy_bonus_on_the_kept_tokens_matches_off_policy(tiny_model_dir, tok
     assert result["completions_equal"] and result["advantages_diff"] <= ATOL
     assert result["ours_loss"] == pytest.approx(result["stock_loss"], abs=ATOL)
     assert result["max_grad_diff"] <= ATOL
+
+
+# Skywork-OR1 adaptive entropy control (TRL's use_adaptive_entropy): the tiny model's entropy (about 4.8 nats) sits
+# below a target of 100, so from 0.02 the coefficient climbs by 0.05 a step to its 0.1 cap: 0.07, 0.1, 0.1, 0.1 (by
+# hand); the bonus applies from step 2 on (step 1 has no measurement yet). Below a target of 1 the coefficient
+# falls to its floor and the bonus never applies.
+ADAPTIVE_CASES = {
+    "climbs-dapo-ga2-top-entropy": (dict(loss_type="dapo", entropy_target=100.0, gradient_accumulation_steps=2,
+                                         top_entropy_quantile=0.5, num_iterations=2), [0.07, 0.1, 0.1, 0.1]),
+    "falls-grpo": (dict(loss_type="grpo", entropy_target=1.0), [0.0, 0.0, 0.0, 0.0]),
+}
+
+
+@pytest.mark.parametrize("flags, coefs", ADAPTIVE_CASES.values(), ids=ADAPTIVE_CASES.keys())
+def test_adaptive_entropy_matches_grpo_trainer(tiny_model_dir, tokenizer, prompt_dataset, tmp_path, flags, coefs):
+    stock, ours = _pair(tiny_model_dir, tokenizer, prompt_dataset, tmp_path, train=True, max_steps=4,
+                        use_adaptive_entropy=True, entropy_coef=0.02, entropy_coef_delta=0.05, entropy_coef_max=0.1,
+                        **flags)
+    logged = [[row["entropy_coef"] for row in trainer.state.log_history if "loss" in row] for trainer in (stock, ours)]
+    assert logged[0] == pytest.approx(coefs, abs=1e-9) and logged[1] == pytest.approx(coefs, abs=1e-9)
+    assert _losses(stock) == pytest.approx(_losses(ours), abs=ATOL)
+    _assert_same_parameters(stock, ours)
+
+
+def test_adaptive_entropy_state_is_resumed(tiny_model_dir, tokenizer, prompt_dataset, tmp_path):
+    """Interrupted at step 2 and resumed, the run continues with the controller where it was: the same coefficients,
+    losses and parameters as the uninterrupted run."""
+    flags = dict(use_adaptive_entropy=True, entropy_coef=0.0, entropy_coef_delta=0.03, entropy_target=100.0,
+                 max_steps=4)
+    straight = build(PolicyOptimizationTrainer, PolicyOptimizationConfig, tiny_model_dir, tokenizer, prompt_dataset,
+                     tmp_path / "straight", **flags)
+    straight.train()
+    first = build(PolicyOptimizationTrainer, PolicyOptimizationConfig, tiny_model_dir, tokenizer, prompt_dataset,
+                  tmp_path / "split", save_strategy="steps", save_steps=2, **flags)
+    first.train()
+    resumed = build(PolicyOptimizationTrainer, PolicyOptimizationConfig, tiny_model_dir, tokenizer, prompt_dataset,
+                    tmp_path / "split", **flags)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    rows = [[row for row in trainer.state.log_history if "loss" in row] for trainer in (straight, resumed)]
+    assert [row["entropy_coef"] for row in rows[1]] == pytest.approx([0.03, 0.06, 0.09, 0.12], abs=1e-9)
+    assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], abs=ATOL)
+    _assert_same_parameters(straight, resumed)

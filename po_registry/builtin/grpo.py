@@ -6,11 +6,13 @@ a method plugin replaces the components whose stages it changes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..hookspecs import hookimpl
 from ..ops import aggregate, clip_regions, clipped_surrogate, group_mean, group_std, high_entropy_mask, kl_estimate
-from ..ops import masked_mean, nanstd
+from ..ops import masked_mean, masked_sum, nanstd
 from ..ops import sequence_log_ratio
 
 STD_EPS = 1e-4  # TRL's divisor guard: A = (R - mean) / (std + 1e-4)
@@ -79,6 +81,7 @@ class PolicyRatio:
 
 
 CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+OBJECTIVE_METHODS = ("cispo", "sapo", "vespo")  # TRL loss types whose objective is a method plugin of that name
 
 
 class ClipObjective:
@@ -87,9 +90,11 @@ class ClipObjective:
     @hookimpl
     def po_check_config(self, args):
         if args.loss_type not in CLIP_LOSS_TYPES:
+            hint = (f"TRL's {args.loss_type} objective is the method {args.loss_type!r} (--method {args.loss_type})"
+                    if args.loss_type in OBJECTIVE_METHODS else "select a method plugin that provides it instead")
             raise ValueError(
                 f"loss_type={args.loss_type!r} is not a clipped-surrogate loss; the baseline supports "
-                f"{', '.join(CLIP_LOSS_TYPES)}. Select a method plugin that provides it instead."
+                f"{', '.join(CLIP_LOSS_TYPES)}; {hint}"
             )
 
     @hookimpl
@@ -172,27 +177,78 @@ ENTROPY_MASK_OPTIONS = ("entropy_top_quantile",)  # plugins/entropy: high-entrop
 
 
 class EntropyBonus:
-    """Static entropy bonus: loss -= entropy_coef * mean entropy over the tokens the entropy masks keep (TRL 1.16:
-    the loss mask times the ``top_entropy_quantile`` mask; a high-entropy-tokens plugin's mask counts the same way).
-    """
+    """Entropy bonus: loss -= c * mean entropy over the tokens the entropy masks keep (TRL 1.16: the loss mask times
+    the ``top_entropy_quantile`` mask; a high-entropy-tokens plugin's mask counts the same way). The mean is over the
+    micro-batch's kept tokens on every process (TRL averages per process: the same on one process; on several, ours
+    does not depend on how tokens fall between them).
+
+    c is ``entropy_coef``, or with ``use_adaptive_entropy`` (Skywork-OR1) a controller: after each optimizer step,
+    whose entropy H is the token mean over all its micro-batches and processes, c += ``entropy_coef_delta`` if H <=
+    ``entropy_target`` else c -= delta, within [``entropy_coef_min``, ``entropy_coef_max``]; a step applies the bonus
+    only if the previous step's H was at most the target (none before the first measurement). The controller's
+    state is kept in checkpoints."""
+
+    def __init__(self):
+        self.coef = 0.0  # the adaptive coefficient (from entropy_coef at setup)
+        self.last_entropy = math.inf  # H of the last optimizer step
+        self.window = None  # (entropy sum, token count) of the current optimizer step's micro-batches so far
+        self.adaptive = False
 
     @hookimpl
     def po_check_config(self, args):
         if args.use_adaptive_entropy:
-            raise ValueError("use_adaptive_entropy is not supported by the baseline; leave it False")
+            if not 0.0 <= args.entropy_coef_min <= args.entropy_coef_max:
+                raise ValueError("use_adaptive_entropy needs 0 <= entropy_coef_min <= entropy_coef_max, got "
+                                 f"{args.entropy_coef_min} and {args.entropy_coef_max}")
+            if args.entropy_coef_delta < 0:
+                raise ValueError(f"entropy_coef_delta must be >= 0, got {args.entropy_coef_delta}")
+
+    @hookimpl
+    def po_setup(self, context):
+        self.adaptive, self.coef = context.args.use_adaptive_entropy, context.args.entropy_coef
+
+    @hookimpl
+    def po_state_dict(self):
+        return {"entropy_coef": self.coef, "last_entropy": self.last_entropy} if self.adaptive else None
+
+    @hookimpl
+    def po_load_state_dict(self, state):
+        self.coef, self.last_entropy = state["entropy_coef"], state["last_entropy"]
 
     @hookimpl
     def po_loss_penalty(self, batch):
-        coef = batch.args.entropy_coef
-        if coef == 0.0:
+        args = batch.args
+        if not args.use_adaptive_entropy and args.entropy_coef == 0.0:
             return None
-        fractions = [batch.args.top_entropy_quantile, *(batch.options[name] for name in ENTROPY_MASK_OPTIONS
-                                                         if name in batch.options)]
+        fractions = [args.top_entropy_quantile, *(batch.options[name] for name in ENTROPY_MASK_OPTIONS
+                                                  if name in batch.options)]
         acting = batch.mask
         for fraction in fractions:
             if fraction < 1.0:
                 acting = acting * high_entropy_mask(batch.entropies, batch.mask, fraction, batch.gather_ragged)
-        return -coef * masked_mean(batch.entropies, acting)
+        if not args.use_adaptive_entropy:
+            coef = args.entropy_coef
+        else:
+            coef = self.coef if self.last_entropy <= args.entropy_target else 0.0  # decided at the last step's end
+            if batch.training:
+                self._measure(batch, acting)
+        if batch.training and batch.ends_optimizer_step:
+            batch.log_metric("entropy_coef", self.coef if args.use_adaptive_entropy else coef)
+        return -coef * batch.token_mean(batch.entropies, acting)
+
+    def _measure(self, batch, acting):
+        """Add this micro-batch to the step's entropy; at the step's end, move the coefficient for the next step."""
+        stats = torch.stack([masked_sum(batch.entropies, acting), acting.sum()]).detach()
+        self.window = stats if self.window is None else self.window + stats
+        if batch.ends_optimizer_step:
+            total, count = batch.reduce_sum(self.window).tolist()
+            self.last_entropy = total / max(count, 1.0)
+            args = batch.args
+            if self.last_entropy <= args.entropy_target:
+                self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
+            else:
+                self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
+            self.window = None
 
 
 AGGREGATION_BY_LOSS_TYPE = {

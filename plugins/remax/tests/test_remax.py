@@ -57,6 +57,27 @@ def test_greedy_baseline_is_the_reward_of_the_greedy_completion(po_trainer):
         assert greedy[group * 4:(group + 1) * 4] == pytest.approx([expected] * 4, abs=1e-6)
 
 
+def test_refuses_a_multi_turn_rollout_before_any_update(po_trainer):
+    """A greedy single turn is not an episode of the environment: the baseline would score another process."""
+    from po_registry.errors import HookError
+    from po_registry.registry import get_task
+
+    task = get_task("guess")
+    trainer = po_trainer(["remax"], rollout_func=task.rollout_function(), reward_funcs=[task.reward_function()],
+                         max_completion_length=task.max_completion_length, max_steps=1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(HookError, match="remax.*greedy baselines decode a single turn.*rollout function"):
+        trainer.train()
+    assert all(p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+
+
+def test_the_greedy_decodes_are_counted(po_trainer):
+    """One decode per distinct prompt, logged as greedy/decodes (compare counts them as completions)."""
+    trainer = po_trainer(["remax"], embedded=True, num_generations=4, per_device_train_batch_size=8, max_steps=1)
+    trainer.train()
+    assert [row["greedy/decodes"] for row in trainer.state.log_history if "loss" in row] == [2.0]
+
+
 def always_one(completions, **kwargs):
     return [1.0] * len(completions)
 
