@@ -164,9 +164,11 @@ def in_loss_divergence(estimator: str, importance_weighted: bool) -> str:
     with log rho = log q - log pi, the pathwise gradient of k1 = -log rho has mean E[grad log pi] = 0; k2 =
     (log rho)^2 / 2 gives E[k1 grad log pi] = grad KL(pi || q); k3 = rho - 1 - log rho gives
     E[(1 - rho) grad log pi] = grad KL(q || pi). Times the ratio pi/pi_old (its gradient at 1: grad log pi) each
-    gains E[k grad log pi]: k1 and k3 then follow KL(pi || q), k2 the gradient of E_pi[(log pi/q)^2 / 2]."""
-    weighted = {"k1": "reverse_kl", "k2": "squared_log_ratio", "k3": "reverse_kl"}
-    plain = {"k1": "zero", "k2": "reverse_kl", "k3": "forward_kl"}
+    gains E[k grad log pi]: k1 and k3 then follow KL(pi || q), k2 the gradient of E_pi[(log pi/q)^2 / 2]. The
+    straight-through k1+ and k3+ carry k2's gradient (times the ratio held fixed when weighted): KL(pi || q) both ways."""
+    weighted = {"k1": "reverse_kl", "k2": "squared_log_ratio", "k3": "reverse_kl", "k1+": "reverse_kl",
+                "k3+": "reverse_kl"}
+    plain = {"k1": "zero", "k2": "reverse_kl", "k3": "forward_kl", "k1+": "reverse_kl", "k3+": "reverse_kl"}
     return (weighted if importance_weighted else plain)[estimator]
 
 

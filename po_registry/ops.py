@@ -112,11 +112,11 @@ def tokens_from_turns(turn_values: torch.Tensor, turn_index: torch.Tensor) -> to
 
 
 def kl_estimate(
-    logps: torch.Tensor, ref_logps: torch.Tensor, estimator: Literal["k1", "k2", "k3"] = "k3"
+    logps: torch.Tensor, ref_logps: torch.Tensor, estimator: Literal["k1", "k2", "k3", "abs"] = "k3"
 ) -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3).
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3, and |log rho|).
 
-    With log rho = ref_logps - logps: k1 = -log rho, k2 = (log rho)^2 / 2, k3 = (rho - 1) - log rho."""
+    With log rho = ref_logps - logps: k1 = -log rho, k2 = (log rho)^2 / 2, k3 = (rho - 1) - log rho, abs = |log rho|."""
     log_rho = ref_logps - logps
     if estimator == "k1":
         return -log_rho
@@ -124,7 +124,14 @@ def kl_estimate(
         return 0.5 * log_rho**2
     if estimator == "k3":
         return torch.exp(log_rho) - log_rho - 1
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+    if estimator == "abs":
+        return log_rho.abs()
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2', 'k3' or 'abs'")
+
+
+def straight_through(value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the gradient of ``gradient_of`` in the backward pass."""
+    return gradient_of - gradient_of.detach() + value.detach()
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -772,7 +772,8 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
         mask=mask, entropies=entropies, ref_logps=ref_logps, sampling_logps=None, importance_sampling_ratio=None,
         num_items_in_batch=mask.sum(), accumulation_steps=1, steps_per_generation=1, num_processes=1,
         max_completion_length=T, options=pipeline.options, args=args, inputs=local,
-        rewards=scored.rewards, auxiliary=pipeline.auxiliary)
+        rewards=scored.rewards, auxiliary=pipeline.auxiliary,
+        ends_optimizer_step=False)  # a gradient at fixed parameters: no step moves a plugin's controller
     loss = pipeline.loss(loss_batch)
     (grad,) = torch.autograd.grad(loss, theta, allow_unused=True)
     return torch.zeros_like(theta) if grad is None else -grad

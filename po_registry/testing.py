@@ -138,7 +138,8 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
     """A synthetic LossBatch: ``logps`` is a leaf tensor with ``requires_grad``; row 0 is fully masked, row 1
     has one token, row 2 (of full width, when ``rows`` > 2 and ``width`` >= 3) has an environment token at
     position 1 (a hole in ``mask``; ``inputs`` carry its ``tool_mask``); behaviour log-probs differ from the
-    policy's by ``off_policy`` noise so ratios leave 1."""
+    policy's by ``off_policy`` noise so ratios leave 1. It does not end an optimizer step (a controller, such as
+    an adaptive coefficient, keeps its value across such batches; set ``ends_optimizer_step`` to move it)."""
     import torch
 
     from .batches import LossBatch
@@ -177,6 +178,7 @@ def loss_batch(rows: int = 6, width: int = 5, seed: int = 0, per_token_advantage
                 "completion_mask": completion.long(), "tool_mask": tool.long()},
         rewards=torch.randint(0, 2, (rows,), generator=generator).float(),
         auxiliary=auxiliary if auxiliary is not None else {},
+        ends_optimizer_step=False,
     )
 
 

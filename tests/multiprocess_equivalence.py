@@ -81,6 +81,13 @@ def cases(teacher: str) -> dict[str, dict]:
         "opd (full divergence)": case(["opd"], {**opd, "opd_divergence": "full"}),
         "opd-kl (full divergence)": case(["opd-kl"], {**opd, "opd_divergence": "full"}),
         "grpo (beta, entropy quantile)": case(["grpo"], beta=0.04, top_entropy_quantile=0.5),
+        "rollout-correction (rejection, batch normalised)": case(
+            ["rollout-correction"], {"rollout_correction_mode": "token_truncate", "rollout_rejection": "seq_max_k3",
+                                     "rollout_rejection_bounds": "1.0", "rollout_correction_batch_normalize": True}),
+        "kl (k3+, adaptive beta)": case(["kl"], {"kl_estimator": "k3+", "kl_target": 0.001, "kl_horizon": 10.0},
+                                        beta=0.04),
+        "kl-reward (adaptive beta)": case(["kl-reward"], {"kl_reward_target": 0.001, "kl_reward_horizon": 10.0},
+                                          beta=0.04),
         # each micro-batch ends an optimizer step here: the controller measures the first, applies to the second
         "grpo (adaptive entropy, entropy quantile)": case(["grpo"], use_adaptive_entropy=True, entropy_coef=0.02,
                                                           entropy_coef_delta=0.05, entropy_target=100.0,

@@ -10,6 +10,9 @@ from po_registry import OptionError
 from po_registry.testing import PluginConformance, default_args
 
 
+FIXED_BETA = {"kl_target": 0.0, "kl_horizon": 10000.0}
+
+
 class TestConformanceK3(PluginConformance):
     method = "kl"
     config = {"beta": 0.04}
@@ -34,7 +37,7 @@ class TestConformanceK2(PluginConformance):
 def test_estimators_times_beta_and_correction(po_loss_batch, estimator):
     args = default_args(["kl"], beta=0.5)
     batch = po_loss_batch(rows=1, width=3, args=args, options={"kl_estimator": estimator,
-                                                               "kl_importance_correction": True})
+                                                               "kl_importance_correction": True, **FIXED_BETA})
     batch.logps = torch.tensor([[-1.0, -2.0, -0.5]])
     batch.ref_logps = torch.tensor([[-1.5, -1.0, -0.5]])
     log_rho = batch.ref_logps - batch.logps
@@ -58,6 +61,10 @@ GRADIENT_TARGET = {
     ("k2", True): lambda pi, ref: _exact_kl(pi, ref) + (pi.exp() * 0.5 * (pi - ref).detach() ** 2).sum(),
     ("k3", False): lambda pi, ref: _exact_kl(ref, pi),
     ("k3", True): lambda pi, ref: _exact_kl(pi, ref),
+    ("k1+", False): lambda pi, ref: _exact_kl(pi, ref),  # straight-through: k2's gradient
+    ("k1+", True): lambda pi, ref: _exact_kl(pi, ref),
+    ("k3+", False): lambda pi, ref: _exact_kl(pi, ref),
+    ("k3+", True): lambda pi, ref: _exact_kl(pi, ref),
 }
 
 
@@ -72,7 +79,8 @@ def test_kl_gradient_follows_the_divergence_the_readme_names(po_loss_batch, esti
     policy = torch.log_softmax(logits, dim=-1)
     tokens = torch.arange(4)
     batch = po_loss_batch(rows=4, width=2, args=default_args(["kl"], beta=0.5),
-                          options={"kl_estimator": estimator, "kl_importance_correction": correction})
+                          options={"kl_estimator": estimator, "kl_importance_correction": correction,
+                                   **FIXED_BETA})
     batch.mask = torch.ones(4, 2)
     batch.logps, batch.ref_logps = policy.T[tokens], reference.T[tokens]  # (row v, position t): log pi_t(v)
     batch.old_logps = batch.logps.detach()
@@ -113,7 +121,7 @@ def test_kl_reward_penalty_is_the_return_of_the_sampling_policys_kl_by_hand(po_l
     from po_registry_kl import KLReward
 
     batch = po_loss_batch(rows=3, width=4, args=default_args(["kl-reward"], beta=0.5),
-                          options={"kl_reward_estimator": "k1"})
+                          options={"kl_reward_estimator": "k1", "kl_reward_target": 0.0})
     batch.mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     batch.old_logps = torch.tensor([[-1.0, -0.5, -2.0, -3.0], [-1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]])
     batch.ref_logps = torch.tensor([[-1.5, -4.0, -1.0, -1.0], [-0.2, -3.0, -3.0, -3.0], [-3.0, -3.0, -3.0, -3.0]])
@@ -229,3 +237,94 @@ def test_kl_reward_composes_with_one_advantage_per_sequence():
     assembly = assemble(["kl-reward"])
     assert not assembly.owners.get("po_token_rewards")
     assert assembly.owners["po_compute_advantages"] == ["group-advantage"]
+
+
+@pytest.mark.parametrize("estimator", ["abs", "k1+", "k3+"])
+@pytest.mark.parametrize("correction", [False, True])
+def test_abs_and_straight_through_values_by_hand(po_loss_batch, estimator, correction):
+    """abs = |log rho|; k1+ and k3+ take the value of k1 and k3 (times w with the correction) and the gradient of
+    k2: d/d logp [(logp - ref)^2 / 2] = logp - ref, times the fixed w."""
+    batch = po_loss_batch(rows=1, width=3, args=default_args(["kl"], beta=0.5),
+                          options={"kl_estimator": estimator, "kl_importance_correction": correction,
+                                   **FIXED_BETA})
+    batch.logps = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    batch.ref_logps = torch.tensor([[-1.5, -1.0, -0.5]])
+    log_weights = torch.tensor([[0.1, 0.0, -0.2]])
+    w = log_weights.exp() if correction else torch.ones(1, 3)
+    log_rho = torch.tensor([[-0.5, 1.0, 0.0]])  # ref - logp
+    value = {"abs": log_rho.abs(), "k1+": -log_rho, "k3+": log_rho.exp() - 1 - log_rho}[estimator] * w
+    penalty = KLPenalty().po_token_penalty(batch, log_weights)
+    assert torch.allclose(penalty.detach(), 0.5 * value)
+    penalty.sum().backward()
+    if estimator == "abs":  # d|logp - ref| = sign(logp - ref); the ratio's own gradient is not in log_weights here
+        expected = torch.sign(-log_rho) * w
+    else:
+        expected = -log_rho * w
+    assert torch.allclose(batch.logps.grad, 0.5 * expected)
+
+
+def test_straight_through_corrected_follows_the_reverse_kl_off_policy(po_loss_batch):
+    """Samples from pi_old != pi_theta, each row weighted by pi_old: with the importance correction, k1+ and k3+
+    give beta * grad KL(pi_theta || pi_ref) exactly (w grad k2 with w held fixed averages to E_pi[grad k2])."""
+    logits = torch.tensor([[0.3, -0.2, 1.1, 0.0], [-0.7, 0.4, 0.2, 0.9]], requires_grad=True)
+    reference = torch.log_softmax(torch.tensor([[1.0, 0.5, -0.5, 0.2], [0.1, -1.0, 0.8, 0.3]]), dim=-1)
+    old = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.5, -0.5], [0.3, 0.3, -0.2, 0.1]]), dim=-1)
+    policy = torch.log_softmax(logits, dim=-1)
+    tokens = torch.arange(4)
+    for estimator in ("k1+", "k3+"):
+        batch = po_loss_batch(rows=4, width=2, args=default_args(["kl"], beta=0.5),
+                              options={"kl_estimator": estimator, "kl_importance_correction": True,
+                                       **FIXED_BETA})
+        batch.mask = torch.ones(4, 2)
+        batch.logps, batch.ref_logps, batch.old_logps = policy.T[tokens], reference.T[tokens], old.T[tokens]
+        penalty = KLPenalty().po_token_penalty(batch, batch.logps - batch.old_logps)
+        method_grad, = torch.autograd.grad((old.T.exp() * penalty).sum(), logits, retain_graph=True)
+        exact_grad, = torch.autograd.grad(_exact_kl(torch.log_softmax(logits, -1), reference), logits)
+        assert torch.allclose(method_grad, 0.5 * exact_grad, atol=1e-6), estimator
+
+
+def _step(coefficient_owner, kl_value: float, rows: int, ends: bool, po_loss_batch, options):
+    """One micro-batch of ``rows`` two-token rows whose k1 estimate is ``kl_value`` on every token."""
+    batch = po_loss_batch(rows=rows, width=2, args=default_args(["kl"], beta=0.1), options=options)
+    batch.mask = torch.ones(rows, 2)
+    batch.logps = torch.full((rows, 2), -1.0)
+    batch.ref_logps = batch.logps - kl_value
+    batch.ends_optimizer_step = ends
+    return coefficient_owner.po_token_penalty(batch, torch.zeros(rows, 2))
+
+
+def test_adaptive_beta_by_hand(po_loss_batch):
+    """beta 0.1, target 0.05, horizon 100. Step 1: two micro-batches of 2 rows, KL 0.1 and 0.3 per token -> 0.2 =
+    4 x target: the error is capped at 0.2, beta *= 1 + 0.2 * 4/100 = 1.008. Step 2: KL 0.04 (error -0.2): beta *=
+    1 - 0.2 * 2/100. Each micro-batch uses the beta of its step's start."""
+    options = {"kl_estimator": "k1", "kl_importance_correction": False, "kl_target": 0.05, "kl_horizon": 100.0}
+    penalty = KLPenalty()
+    first = _step(penalty, 0.1, 2, False, po_loss_batch, options)
+    second = _step(penalty, 0.3, 2, True, po_loss_batch, options)
+    assert torch.allclose(first, torch.full((2, 2), 0.1 * 0.1)) and torch.allclose(second, torch.full((2, 2), 0.03))
+    assert penalty.coefficient.beta == pytest.approx(0.1 * 1.008)
+    third = _step(penalty, 0.04, 2, True, po_loss_batch, options)
+    assert torch.allclose(third, torch.full((2, 2), 0.1 * 1.008 * 0.04))
+    assert penalty.coefficient.beta == pytest.approx(0.1 * 1.008 * 0.996)
+    assert penalty.po_state_dict() == {"beta": pytest.approx(0.1 * 1.008 * 0.996)}
+
+
+def test_a_fixed_beta_keeps_no_state(po_loss_batch):
+    options = {"kl_estimator": "k1", "kl_importance_correction": False, "kl_target": 0.0, "kl_horizon": 100.0}
+    penalty = KLPenalty()
+    _step(penalty, 0.3, 2, True, po_loss_batch, options)
+    assert penalty.coefficient.beta == 0.1 and penalty.po_state_dict() is None
+
+
+class TestConformanceAdaptiveBeta(PluginConformance):
+    method = "kl"
+    config = {"beta": 0.04}
+    options = {"kl_estimator": "k3+", "kl_target": 0.001, "kl_horizon": 1000.0}
+    metrics = ("kl/k3+", "kl/beta")
+
+
+class TestKLRewardConformanceAdaptiveBeta(PluginConformance):
+    method = "kl-reward"
+    config = {"beta": 0.04}
+    options = {"kl_reward_target": 0.001, "kl_reward_horizon": 1000.0}
+    metrics = ("kl_reward/k1", "kl_reward/beta")

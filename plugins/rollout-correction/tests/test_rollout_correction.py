@@ -2,6 +2,7 @@
 that returns sampler log-probs."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ class TestConformance(PluginConformance):
 
 def _batch(po_loss_batch, mode, clip_min=0.0):
     batch = po_loss_batch(rows=2, width=4, options={"rollout_correction_mode": mode, "rollout_correction_clip_max": 2.0,
-                                                    "rollout_correction_clip_min": clip_min})
+                                                    "rollout_correction_clip_min": clip_min,
+                                                    "rollout_correction_batch_normalize": False})
     batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     batch.old_logps = torch.zeros(2, 4)
     # log w = old - sampler: token weights e^0.5, (hole: e^3), e^-2, e^1 and e^1, e^0.2 (then padding). The hole is an
@@ -151,3 +153,73 @@ def test_trains_from_a_rollout_function_with_sampler_log_probs(po_tokenizer, po_
     logged = [row for row in trainer.state.log_history if "rollout_correction/weight_mean" in row]
     assert len(logged) == 2 and all(0 < row["rollout_correction/weight_mean"] <= 1.5 for row in logged)
     assert all(row["rollout_correction/clipped_fraction"] > 0 for row in logged)
+
+
+# -- rejection sampling and batch normalisation ---------------------------------------------------------------------
+
+REJECTION = {"rollout_correction_mode": "token_truncate", "rollout_correction_clip_max": 100.0,
+             "rollout_correction_clip_min": 0.0, "rollout_correction_match_ratio": False,
+             "rollout_correction_batch_normalize": False, "rollout_rejection": "", "rollout_rejection_bounds": ""}
+
+
+def _sampled(po_loss_batch, weights, mask, **options):
+    """A micro-batch whose sampler log-probs give the per-token weights pi_old / mu = ``weights``."""
+    batch = po_loss_batch(rows=len(weights), width=len(weights[0]), options={**REJECTION, **options})
+    batch.mask = torch.tensor(mask)
+    batch.old_logps = torch.full(batch.mask.shape, -1.0)
+    batch.sampling_logps = batch.old_logps - torch.tensor(weights).log()
+    return batch
+
+
+def test_token_and_sequence_rejection_by_hand(po_loss_batch):
+    """Row 0: weights 1.0, 3.0 (a masked 50.0 between them is ignored); row 1: 0.9, 1.1, 1.0.
+    token_k1 0.5_2: only row 0's 3.0 is out. seq_max_k3 0.5: k3(3) = 3 - 1 - ln 3 = 0.901 > 0.5 drops row 0;
+    row 1's largest k3 is k3(0.9) = 0.9 - 1 - ln 0.9 = 0.00536. seq_mean_k1 0.9_1.2 on row 0: exp((0 + ln 3) / 2)
+    = sqrt(3) = 1.73 > 1.2 drops it; row 1: exp(mean of ln 0.9, ln 1.1, 0) = 0.9966, kept."""
+    weights = [[1.0, 50.0, 3.0], [0.9, 1.1, 1.0]]
+    mask = [[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    token = _sampled(po_loss_batch, weights, mask, rollout_rejection="token_k1", rollout_rejection_bounds="0.5_2")
+    assert RolloutCorrection().po_token_mask(token)[mask_bool(mask)].tolist() == [1.0, 0.0, 1.0, 1.0, 1.0]
+    for criterion, bound in (("seq_max_k3", "0.5"), ("seq_mean_k1", "0.9_1.2")):
+        batch = _sampled(po_loss_batch, weights, mask, rollout_rejection=criterion, rollout_rejection_bounds=bound)
+        assert RolloutCorrection().po_token_mask(batch).tolist() == [[0.0] * 3, [1.0] * 3], criterion
+    # every criterion must pass: seq_sum_k2 0.5 drops row 0 ((ln 3)^2 / 2 = 0.603), keeps row 1 (0.0101); token_k1
+    # 0.95_2 then drops row 1's 0.9
+    both = _sampled(po_loss_batch, weights, mask, rollout_rejection="seq_sum_k2,token_k1",
+                    rollout_rejection_bounds="0.5,0.95_2")
+    assert RolloutCorrection().po_token_mask(both).tolist() == [[0.0] * 3, [0.0, 1.0, 1.0]]
+
+
+def mask_bool(mask):
+    return torch.tensor(mask).bool()
+
+
+def test_batch_normalisation_makes_the_weights_average_one(po_loss_batch):
+    """Token truncate at C = 2: weights 1, 3 -> 2, 0.5 over three loss tokens (mean 7/6); each divided by 7/6."""
+    batch = _sampled(po_loss_batch, [[1.0, 3.0], [0.5, 9.0]], [[1.0, 1.0], [1.0, 0.0]],
+                     rollout_correction_clip_max=2.0, rollout_correction_batch_normalize=True)
+    weight = RolloutCorrection().po_rollout_correction(batch)
+    assert torch.allclose(weight[batch.mask.bool()], torch.tensor([1.0, 2.0, 0.5]) * 6 / 7)
+    sequence = _sampled(po_loss_batch, [[1.0, 3.0], [0.5, 9.0]], [[1.0, 1.0], [1.0, 0.0]],
+                        rollout_correction_mode="sequence_truncate", rollout_correction_clip_max=10.0,
+                        rollout_correction_batch_normalize=True)  # sequence weights 3 and 0.5: mean 1.75
+    assert torch.allclose(RolloutCorrection().po_rollout_correction(sequence), torch.tensor([[3.0], [0.5]]) / 1.75)
+
+
+@pytest.mark.parametrize("criteria, bounds, message", [
+    ("token_k4", "1", "unknown criterion 'token_k4'"),
+    ("token_k1,seq_max_k3", "2,3,4", "3 bounds for 2 criteria"),
+    ("token_k1", "3_2", "0 < lower <= upper"),
+    ("seq_max_k2", "x", "'x' for seq_max_k2 is not a number"),
+    ("", "2", "rollout_rejection_bounds is set but rollout_rejection names no criterion"),
+])
+def test_bad_rejection_settings_are_refused_by_name(criteria, bounds, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        default_args(["rollout-correction"], {"rollout_rejection": criteria, "rollout_rejection_bounds": bounds})
+
+
+class TestConformanceRejection(PluginConformance):
+    method = "rollout-correction"
+    options = {"rollout_rejection": "token_k1,seq_max_k3", "rollout_rejection_bounds": "0.5_2,1.0",
+               "rollout_correction_batch_normalize": True}
+    train_steps = 0
