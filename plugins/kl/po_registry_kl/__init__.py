@@ -80,13 +80,27 @@ def _needs_beta(method: str, args) -> None:
                          f"it also makes the trainer compute reference log-probs), got beta={args.beta}")
 
 
+class _KeepsBeta:
+    """The adaptive beta's checkpoint state (a component with a ``coefficient``)."""
+
+    coefficient: KLCoefficient
+
+    @hookimpl
+    def po_state_dict(self):
+        return self.coefficient.state_dict()
+
+    @hookimpl
+    def po_load_state_dict(self, state):
+        self.coefficient.load_state_dict(state)
+
+
 def _divergence(options):
     from po_registry.oracle import in_loss_divergence
 
     return in_loss_divergence(options["kl_estimator"], options["kl_importance_correction"])
 
 
-class KLPenalty:
+class KLPenalty(_KeepsBeta):
     def __init__(self):
         self.coefficient = KLCoefficient("kl_target", "kl_horizon")
 
@@ -125,14 +139,6 @@ class KLPenalty:
         _needs_beta("kl", args)
 
     @hookimpl
-    def po_state_dict(self):
-        return self.coefficient.state_dict()
-
-    @hookimpl
-    def po_load_state_dict(self, state):
-        self.coefficient.load_state_dict(state)
-
-    @hookimpl
     def po_token_penalty(self, batch, log_weights):
         estimator = batch.options["kl_estimator"]
         kl = kl_estimate(batch.logps, batch.ref_logps, estimator.removesuffix("+"))
@@ -150,7 +156,7 @@ class KLPenalty:
         return beta * kl
 
 
-class KLReward:
+class KLReward(_KeepsBeta):
     def __init__(self):
         self.coefficient = KLCoefficient("kl_reward_target", "kl_reward_horizon")
 
@@ -184,14 +190,6 @@ class KLReward:
     @hookimpl
     def po_check_config(self, args):
         _needs_beta("kl-reward", args)
-
-    @hookimpl
-    def po_state_dict(self):
-        return self.coefficient.state_dict()
-
-    @hookimpl
-    def po_load_state_dict(self, state):
-        self.coefficient.load_state_dict(state)
 
     @hookimpl
     def po_token_penalty(self, batch, log_weights):

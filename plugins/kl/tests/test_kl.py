@@ -328,3 +328,23 @@ class TestKLRewardConformanceAdaptiveBeta(PluginConformance):
     config = {"beta": 0.04}
     options = {"kl_reward_target": 0.001, "kl_reward_horizon": 1000.0}
     metrics = ("kl_reward/k1", "kl_reward/beta")
+
+
+@pytest.mark.parametrize("method, prefix", [("kl", "kl"), ("kl-reward", "kl_reward")])
+def test_adaptive_beta_is_resumed_from_a_checkpoint(po_trainer, tmp_path, method, prefix):
+    """Interrupted at step 2 and resumed, beta continues where it was: the same betas, losses and parameters as the
+    uninterrupted run (a horizon of 5 sequences moves beta visibly every step)."""
+    options = {f"{prefix}_target": 0.001, f"{prefix}_horizon": 5.0}
+    straight = po_trainer([method], options, max_steps=4, beta=0.04, output_dir=str(tmp_path / "straight"))
+    straight.train()
+    first = po_trainer([method], options, max_steps=4, beta=0.04, output_dir=str(tmp_path / "split"),
+                       save_strategy="steps", save_steps=2)
+    first.train()
+    resumed = po_trainer([method], options, max_steps=4, beta=0.04, output_dir=str(tmp_path / "split"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    rows = [[row for row in trainer.state.log_history if "loss" in row] for trainer in (straight, resumed)]
+    betas = [[row[f"{prefix}/beta"] for row in trainer_rows] for trainer_rows in rows]
+    assert betas[0] == pytest.approx(betas[1], rel=1e-9) and len(set(betas[0])) == 4  # it moved every step
+    assert [row["loss"] for row in rows[1]] == pytest.approx([row["loss"] for row in rows[0]], abs=1e-6)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
