@@ -79,6 +79,7 @@ def cases(teacher: str) -> dict[str, dict]:
         table[name] = special.get(name) or case([name], opd if name.startswith("opd") else None)
     table.update({
         "opd (full divergence)": case(["opd"], {**opd, "opd_divergence": "full"}),
+        "opd (full generalized JSD)": case(["opd"], {**opd, "opd_divergence": "full", "opd_beta": 0.5}),
         "opd-kl (full divergence)": case(["opd-kl"], {**opd, "opd_divergence": "full"}),
         "grpo (beta, entropy quantile)": case(["grpo"], beta=0.04, top_entropy_quantile=0.5),
         "rollout-correction (rejection, batch normalised)": case(

@@ -5,8 +5,9 @@ The student samples; a frozen teacher scores the sampled tokens. The dense signa
 r_t = log pi_T(y_t | prefix) - log pi_old(y_t | prefix) (optionally clipped to [-c, c] against length hacking).
 
 - ``opd`` (pure OPD, divergence minimisation, outside J(theta): the reward functions are not used): A_t = r_t
-  (or its discounted return-to-go); with ``opd_divergence: full`` the loss is instead the exact per-token reverse
-  KL(pi_theta || pi_T) over the vocabulary, computed in chunks of rows.
+  (or its discounted return-to-go); with ``opd_divergence: full`` the loss is instead an exact per-token divergence
+  over the vocabulary, computed in chunks of rows: by ``opd_beta``, the reverse KL(pi_theta || pi_T) (1), the forward
+  KL(pi_T || pi_theta) (0) or the generalized JSD between (GKD's and TRL's beta).
 - ``opd-ratio`` (T_A, importance weight): the per-token loss is weighted by w_t = min(exp(lambda r_t), cap).
 - ``opd-advantage`` (T_B, advantage): A_{i,t} = A_i + lambda r_t, after the group normalisation of A_i.
 - ``opd-reward`` (T_C, reward side): the length-normalised teacher log-ratio (1/|o_i|) sum_t r_{i,t} joins the
@@ -110,16 +111,29 @@ def current_lambda(batch) -> float:
     return value
 
 
-def full_reverse_kl(student, teacher, rows, mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """Sum over loss tokens of KL(pi_theta || pi_T) = sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v)).
+def token_divergence(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per position, over the vocabulary (last dim): beta = 1 the reverse KL(pi_theta || pi_T), beta = 0 the forward
+    KL(pi_T || pi_theta), in between the generalized JSD beta KL(pi_T || m) + (1 - beta) KL(pi_theta || m) with the
+    mixture m = (1 - beta) pi_theta + beta pi_T (GKD, arXiv 2306.13649; TRL's DistillationConfig.beta)."""
+    if beta == 1.0:
+        return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+    if beta == 0.0:
+        return (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+    mixture = torch.logaddexp(student_logps + math.log(1 - beta), teacher_logps + math.log(beta))
+    return (beta * teacher_logps.exp() * (teacher_logps - mixture)
+            + (1 - beta) * student_logps.exp() * (student_logps - mixture)).sum(-1)
+
+
+def full_divergence(student, teacher, rows, mask: torch.Tensor, temperature: float, chunk: int,
+                    beta: float = 1.0) -> torch.Tensor:
+    """Sum over loss tokens of :func:`token_divergence` (beta 1: KL(pi_theta || pi_T)).
 
     Each chunk of rows is checkpointed: its vocabulary-sized logits live only while that chunk is computed."""
 
     def chunk_sum(start: int, stop: int, chunk_mask: torch.Tensor) -> torch.Tensor:
         student_logps = torch.log_softmax(completion_logits(student, rows, start, stop, temperature).float(), -1)
         teacher_logps = torch.log_softmax(completion_logits(teacher, rows, start, stop, temperature).float(), -1)
-        per_token = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
-        return (per_token * chunk_mask).sum()
+        return (token_divergence(student_logps, teacher_logps, beta) * chunk_mask).sum()
 
     total = mask.new_zeros(())
     for start in range(0, mask.shape[0], chunk):
@@ -140,6 +154,12 @@ class Teacher:
     """Component ``teacher``: loads the teacher and declares the options every operator shares."""
 
     @hookimpl
+    def po_check_config(self, options):
+        if options["opd_beta"] != 1.0 and options["opd_divergence"] != "full":
+            raise ValueError(f"opd_beta={options['opd_beta']} chooses a full-vocabulary divergence (forward KL, "
+                             "JSD): set opd_divergence=full (the sampled divergence is the reverse KL)")
+
+    @hookimpl
     def po_declare_options(self, register):
         register("opd_teacher", "", type=str,
                  help="teacher checkpoint (a local causal LM with the student's vocabulary); empty: the base model "
@@ -153,7 +173,10 @@ class Teacher:
         register("opd_clip", 0.0, type=float, check=lambda v: v >= 0.0,
                  help="clip the per-token teacher log-ratio to [-c, c]; 0: no clip")
         register("opd_divergence", "sampled", choices=("sampled", "full"),
-                 help="opd and opd-kl: the sampled tokens' log-ratio, or the full-vocabulary reverse KL")
+                 help="opd and opd-kl: the sampled tokens' log-ratio, or the full-vocabulary divergence (opd_beta)")
+        register("opd_beta", 1.0, type=float, check=lambda v: 0.0 <= v <= 1.0,
+                 help="the full divergence: 1 reverse KL(student || teacher), 0 forward KL(teacher || student), "
+                      "between: generalized JSD (TRL's DistillationConfig.beta)")
         register("opd_kl_estimator", "k2", choices=("k1", "k2", "k3"),
                  help="opd-kl: estimator on sampled tokens; its gradient: k2 reverse KL(student || teacher), k3 "
                       "forward KL(teacher || student), k1 zero in expectation")
@@ -252,10 +275,12 @@ class PureOPD:
 
 
 def _full_kl(batch, student, coefficient: float) -> torch.Tensor:
-    total = full_reverse_kl(student, _teacher(batch.auxiliary), batch.inputs, batch.mask, batch.args.temperature,
-                            teacher_chunk(batch.options, batch.args))
+    beta = batch.options["opd_beta"]
+    total = full_divergence(student, _teacher(batch.auxiliary), batch.inputs, batch.mask, batch.args.temperature,
+                            teacher_chunk(batch.options, batch.args), beta)
     kl = batch.mean_over_processes(total, batch.mask.sum())  # the token mean over every process's micro-batch
-    batch.log_metric("opd/full_reverse_kl", batch.reduce_sum(kl.detach()).item() / batch.num_processes)
+    name = {1.0: "full_reverse_kl", 0.0: "full_forward_kl"}.get(beta, "full_jsd")
+    batch.log_metric(f"opd/{name}", batch.reduce_sum(kl.detach()).item() / batch.num_processes)
     return coefficient * kl.to(batch.logps.dtype)
 
 

@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 import po_registry_opd
-from po_registry_opd import full_reverse_kl, load_teacher, rollout_signal, scheduled_lambda, teacher_signal, \
+from po_registry_opd import full_divergence, load_teacher, rollout_signal, scheduled_lambda, teacher_signal, \
     teacher_token_logps
 
 from po_registry.builtin.grpo import GroupAdvantage
 from po_registry.context import AuxiliaryModel
-from po_registry.errors import CouplingWarning
+from po_registry.errors import CouplingWarning, OptionError
 from po_registry.registry import get_registry
 from po_registry.testing import (PluginConformance, char_tokenizer, default_args, loss_batch, partial_credit,
                                  reward_batch, tiny_causal_lm)
@@ -259,7 +259,7 @@ def test_full_reverse_kl_in_chunks_equals_the_direct_sum(po_tiny_model_dir, po_l
     student = AutoModelForCausalLM.from_pretrained(po_tiny_model_dir)
     batch = po_loss_batch(rows=5, width=4, args=default_args())
     rows, mask = batch.inputs, batch.mask
-    chunked = full_reverse_kl(student, AuxiliaryModel(TEACHER_MODEL), rows, mask, temperature=1.0, chunk=2)
+    chunked = full_divergence(student, AuxiliaryModel(TEACHER_MODEL), rows, mask, temperature=1.0, chunk=2)
     chunked.backward()
     chunked_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
@@ -350,8 +350,10 @@ def test_couplings_are_warned():
         default_args(["opd-reward"], OPTIONS, scale_rewards="batch")
 
 
-def test_full_reverse_kl_equals_trl_distillation_trainer(po_tiny_model_dir, po_tokenizer, tmp_path):
-    """Pure OPD with the full-vocabulary divergence: loss and gradients equal DistillationTrainer(beta=1)'s."""
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5, 0.2], ids=["reverse-kl", "forward-kl", "jsd", "jsd-0.2"])
+def test_full_divergence_equals_trl_distillation_trainer(po_tiny_model_dir, po_tokenizer, tmp_path, beta):
+    """Pure OPD with the full-vocabulary divergence: loss and gradients equal DistillationTrainer(beta)'s for the
+    reverse KL, the forward KL and the generalized JSD."""
     from trl import DistillationConfig, DistillationTrainer
 
     from po_registry.config import PolicyOptimizationConfig
@@ -364,10 +366,11 @@ def test_full_reverse_kl_equals_trl_distillation_trainer(po_tiny_model_dir, po_t
     ours = PolicyOptimizationTrainer(  # pure OPD ignores the reward, but TRL wants one
         model=po_tiny_model_dir, processing_class=po_tokenizer, train_dataset=dataset, reward_funcs=[partial_credit],
         args=PolicyOptimizationConfig(output_dir=str(tmp_path / "ours"), methods=["opd"], num_generations=4,
-                                      method_options={"opd_teacher": TEACHER_DIR, "opd_divergence": "full"}, **common))
+                                      method_options={"opd_teacher": TEACHER_DIR, "opd_divergence": "full",
+                                                      "opd_beta": beta}, **common))
     stock = DistillationTrainer(model=po_tiny_model_dir, teacher_model=TEACHER_DIR, processing_class=po_tokenizer,
                                 train_dataset=dataset,
-                                args=DistillationConfig(output_dir=str(tmp_path / "stock"), beta=1.0, **common))
+                                args=DistillationConfig(output_dir=str(tmp_path / "stock"), beta=beta, **common))
     batch = rollout(ours, [dataset[0]] * 4 + [dataset[1]] * 4)
     ours.model.zero_grad()
     loss = micro_batch_loss(ours, dict(batch))
@@ -430,3 +433,22 @@ def test_teacher_signal_skips_environment_tokens(po_reward_batch, monkeypatch):
     signal = rollout_signal(batch)
     assert logged["opd/reverse_kl"] == pytest.approx(0.8)
     assert torch.allclose(signal, torch.tensor([[-0.5, 0.0, 1.0]]))
+
+
+def test_token_divergences_by_hand():
+    """Two-token vocabulary, student (0.8, 0.2), teacher (0.5, 0.5): reverse KL 0.8 ln 1.6 + 0.2 ln 0.4, forward KL
+    0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2); JSD(0.5) with the mixture (0.65, 0.35)."""
+    from po_registry_opd import token_divergence
+
+    student, teacher = torch.tensor([0.8, 0.2]).log(), torch.tensor([0.5, 0.5]).log()
+    reverse = 0.8 * math.log(1.6) + 0.2 * math.log(0.4)
+    forward = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    jsd = 0.5 * (0.5 * math.log(0.5 / 0.65) + 0.5 * math.log(0.5 / 0.35)) + \
+        0.5 * (0.8 * math.log(0.8 / 0.65) + 0.2 * math.log(0.2 / 0.35))
+    for beta, expected in ((1.0, reverse), (0.0, forward), (0.5, jsd)):
+        assert token_divergence(student, teacher, beta).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_non_reverse_divergence_needs_the_full_vocabulary():
+    with pytest.raises(OptionError, match="opd_beta=0.5 chooses a full-vocabulary divergence"):
+        default_args(["opd"], {"opd_beta": 0.5})
