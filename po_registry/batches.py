@@ -206,3 +206,20 @@ class LossBatch:
             local = torch.stack([masked_sum(x, self.mask), self.mask.sum().float()])
         totals = self.reduce_sum(local)
         return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+class StepTotals:
+    """Sums of a few per-micro-batch statistics over one optimizer step and every process, for a controller that
+    moves once a step (an adaptive coefficient): :meth:`add` returns the step's totals at the micro-batch that ends
+    it (``LossBatch.ends_optimizer_step``), None before."""
+
+    def __init__(self):
+        self._sums: torch.Tensor | None = None
+
+    def add(self, batch: LossBatch, *values: torch.Tensor) -> list[float] | None:
+        stats = torch.stack([value.detach().float().reshape(()) for value in values])
+        self._sums = stats if self._sums is None else self._sums + stats
+        if not batch.ends_optimizer_step:
+            return None
+        totals, self._sums = batch.reduce_sum(self._sums).tolist(), None
+        return totals

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..batches import StepTotals
 from ..hookspecs import hookimpl
 from ..ops import aggregate, clip_regions, clipped_surrogate, group_mean, group_std, high_entropy_mask, kl_estimate
 from ..ops import masked_mean, masked_sum, nanstd
@@ -191,7 +192,7 @@ class EntropyBonus:
     def __init__(self):
         self.coef = 0.0  # the adaptive coefficient (from entropy_coef at setup)
         self.last_entropy = math.inf  # H of the last optimizer step
-        self.window = None  # (entropy sum, token count) of the current optimizer step's micro-batches so far
+        self.step_entropy = StepTotals()  # (entropy sum, token count) of the current optimizer step
         self.adaptive = False
 
     @hookimpl
@@ -238,17 +239,15 @@ class EntropyBonus:
 
     def _measure(self, batch, acting):
         """Add this micro-batch to the step's entropy; at the step's end, move the coefficient for the next step."""
-        stats = torch.stack([masked_sum(batch.entropies, acting), acting.sum()]).detach()
-        self.window = stats if self.window is None else self.window + stats
-        if batch.ends_optimizer_step:
-            total, count = batch.reduce_sum(self.window).tolist()
-            self.last_entropy = total / max(count, 1.0)
-            args = batch.args
-            if self.last_entropy <= args.entropy_target:
-                self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
-            else:
-                self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
-            self.window = None
+        totals = self.step_entropy.add(batch, masked_sum(batch.entropies, acting), acting.sum())
+        if totals is None:
+            return
+        self.last_entropy = totals[0] / max(totals[1], 1.0)
+        args = batch.args
+        if self.last_entropy <= args.entropy_target:
+            self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
+        else:
+            self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
 
 
 AGGREGATION_BY_LOSS_TYPE = {

@@ -21,7 +21,8 @@ sequences, over every process.
 import torch
 
 from po_registry import hookimpl
-from po_registry.ops import kl_estimate, returns_to_go, straight_through
+from po_registry.batches import StepTotals
+from po_registry.ops import kl_estimate, masked_sum, returns_to_go, straight_through
 
 LOSS_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
 REWARD_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -36,7 +37,7 @@ class KLCoefficient:
         self.target_option, self.horizon_option = target_option, horizon_option
         self.beta: float | None = None  # set at the first micro-batch
         self.adaptive = False
-        self.window = None  # (estimate sum, tokens, sequences) of this optimizer step's micro-batches so far
+        self.step_kl = StepTotals()  # (estimate sum, tokens, sequences) of the current optimizer step
 
     def current(self, batch) -> float:
         if self.beta is None:
@@ -48,15 +49,13 @@ class KLCoefficient:
         if not batch.training:
             return
         if self.adaptive:
-            rows = (batch.mask.sum(dim=1) > 0).sum()
-            stats = torch.stack([(kl.detach() * batch.mask).sum(), batch.mask.sum(), rows.to(kl.dtype)])
-            self.window = stats if self.window is None else self.window + stats
-            if batch.ends_optimizer_step:
-                total, tokens, sequences = batch.reduce_sum(self.window).tolist()
+            sequences = (batch.mask.sum(dim=1) > 0).sum()
+            totals = self.step_kl.add(batch, masked_sum(kl, batch.mask), batch.mask.sum(), sequences)
+            if totals is not None:
+                total, tokens, sequences = totals
                 error = total / max(tokens, 1.0) / batch.options[self.target_option] - 1.0
                 error = min(max(error, -PROPORTIONAL_ERROR_BOUND), PROPORTIONAL_ERROR_BOUND)
                 self.beta *= 1.0 + error * sequences / batch.options[self.horizon_option]
-                self.window = None
         if batch.ends_optimizer_step:
             batch.log_metric(f"{self.target_option.removesuffix('_target')}/beta", self.beta)
 
