@@ -45,13 +45,15 @@ class VESPO:
         )
 
     @hookimpl
-    def po_check_config(self, args):
+    def po_check_config(self, args, assembly):
         for name in ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
-        if args.importance_sampling_level != "token":
-            raise ValueError("vespo builds its own sequence weight from the token log-ratios; leave "
-                             "importance_sampling_level='token'")
+        if assembly.importance_level(args) != "token":
+            (owner,) = assembly.owners["po_log_importance_weights"]
+            raise ValueError(f"vespo builds its own sequence weight from token log-ratios, but the importance weights "
+                             f"of plugin {owner!r} are per sequence: leave importance_sampling_level='token' and "
+                             "compose no sequence-level ratio (gspo, gmpo)")
         if args.use_vllm and args.vllm_importance_sampling_correction and \
                 args.vllm_importance_sampling_mode not in ("token_truncate", "token_mask"):
             raise ValueError("vespo folds the sampler correction into each sequence's weight token by token: set "

@@ -43,6 +43,8 @@ def test_bad_shapes_and_levels_are_refused():
         default_args(["vespo"], vespo_lambda_neg=0.0).resolve()
     with pytest.raises(OptionError, match="vespo.*importance_sampling_level='token'"):
         default_args(["vespo"], importance_sampling_level="sequence").resolve()
+    with pytest.raises(OptionError, match="vespo.*the importance weights of plugin 'gspo' are per sequence"):
+        default_args(["vespo", "gspo:importance"]).resolve()
     with pytest.raises(OptionError, match="vespo.*loss_type='grpo' asks for another aggregation"):
         default_args(["vespo"], loss_type="grpo").resolve()
 
