@@ -21,7 +21,8 @@ class RewardBatch:
 
     Rows are grouped: rows ``g * G ... g * G + G - 1`` are the G completions of prompt ``g``. A batch is built
     whole and never changed (frozen): the shaping stage's batch has the scores' fields, the rollout batch adds the
-    rollout (``local``, ``rows``, ``completion_mask``, ``policy_logps``, ``greedy_completions``), and the pipeline
+    rollout (``local``, ``rows``, ``completion_mask``, ``policy_logps``, ``policy_collision_probs``,
+    ``greedy_completions``), and the pipeline
     builds the advantage stage's batch once, adding ``token_rewards`` and ``greedy_rewards``
     (:meth:`~po_registry.pipeline.Pipeline.score`). ``carry`` is the one way a stage hands the loss a value."""
 
@@ -49,6 +50,9 @@ class RewardBatch:
     # (B, T) no-grad log-probs of this process's sampled tokens under the policy that sampled them; computed on
     # first call (token_rewards stage). The reference's are ``local.get("ref_per_token_logps")`` when beta != 0.
     policy_logps: Callable[[], torch.Tensor] | None = None
+    # (B, T) no-grad collision probability sum_v pi(v | prefix)^2 at each completion position of this process's rows,
+    # under the policy that sampled them at the sampling temperature: one forward pass, on first call.
+    policy_collision_probs: Callable[[], torch.Tensor] | None = None
     processing_class: Any = None  # the trainer's tokenizer, to decode completions
     log_metric: Callable[[str, float], None] = _ignore_metric
     # (B, T) -> (N, T): concatenate this process's rows with every other process's, padding T to the longest.

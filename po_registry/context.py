@@ -28,6 +28,9 @@ class RunContext:
     args: Any  # the PolicyOptimizationConfig (TRL's GRPOConfig fields)
     auxiliary: MutableMapping[str, Any] = field(default_factory=dict)  # the pipeline's: name -> AuxiliaryModel
     add_callback: Callable[[Any], None] = lambda callback: None
+    # Bypass mode, set by a po_setup: the sampler's log-probs (vLLM, a rollout function's) stand in for pi_old. The
+    # trainer skips recomputing pi_old and every stage reads the sampler's as ``old_logps``: the ratio is pi_theta/mu.
+    old_logps_from_sampler: bool = False
 
     def register_auxiliary(self, name: str, model: AuxiliaryModel) -> AuxiliaryModel:
         """Add ``model`` to the run under ``name`` (stages read it as ``batch.auxiliary[name]``). A trainable one
@@ -38,6 +41,15 @@ class RunContext:
         if model.trainable:
             model.attach(self)
         return model
+
+
+def completion_logits(model, rows, start: int, stop: int, temperature: float) -> torch.Tensor:
+    """(b, T, V) logits predicting each completion token of rows ``start:stop``, divided by the temperature."""
+    width = rows["completion_ids"].shape[1]
+    ids = torch.cat([rows["prompt_ids"][start:stop], rows["completion_ids"][start:stop]], dim=1)
+    attention = torch.cat([rows["prompt_mask"][start:stop], rows["completion_mask"][start:stop]], dim=1)
+    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1).logits[:, :-1]
+    return logits[:, -width:] / temperature
 
 
 def load_model(source: str, like: torch.nn.Module | None = None, value_head: bool = False,

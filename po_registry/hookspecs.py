@@ -204,8 +204,10 @@ def po_setup(context, options):
     ``processing_class``, ``accelerator``, ``args``, ``add_callback`` and ``register_auxiliary(name, model)``, which
     adds an :class:`~po_registry.context.AuxiliaryModel` (a frozen teacher, a trained critic: loading, placement,
     an optimizer on the policy's schedule, averaging over processes and checkpoints are done there) that the stages
-    read as ``batch.auxiliary[name]``; ``options``: the resolved option values (dict). Each run builds its own
-    instance of a plugin class, so what a component keeps on ``self`` here is this run's.
+    read as ``batch.auxiliary[name]``; and ``old_logps_from_sampler``, which a component sets to True for bypass mode
+    (the sampler's log-probs stand in for pi_old: the trainer does not recompute it and every stage reads the
+    sampler's as ``old_logps``). ``options``: the resolved option values (dict). Each run builds its own instance of a
+    plugin class, so what a component keeps on ``self`` here is this run's.
     """
 
 

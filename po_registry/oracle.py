@@ -755,6 +755,7 @@ def pipeline_gradient(pipeline, world: World, args, rows: int, generator: torch.
     batch = dataclasses.replace(
         batch, local=local, rows=[dict(world.rows[s]) for s in picked.tolist()], completion_mask=loss_mask,
         policy_logps=lambda: logps.detach(), processing_class=TinyTokenizer(),
+        policy_collision_probs=lambda: probs.detach().square().sum(-1).expand(rows, -1),
         greedy_completions=lambda: _greedy_completions(world, rows))
     scored = pipeline.score(rewards, batch)
     advantages = scored.advantages

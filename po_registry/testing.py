@@ -108,6 +108,8 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
     truncated[-1] = True
     args = args or default_args()
     policy_logps = -torch.rand(n, width, generator=generator) * 3
+    # a collision probability sum_v pi_v^2 is at least pi_y^2 (the sampled token's) and at most 1
+    collision = policy_logps.exp().square() + (1 - policy_logps.exp().square()) * torch.rand(n, width, generator=generator)
     local = {"completion_ids": torch.randint(4, 20, (n, width), generator=generator) * completion.long(),
              "completion_mask": completion.long(), "tool_mask": tool.long(),
              "prompt_ids": torch.randint(4, 20, (n, 3), generator=generator),
@@ -126,6 +128,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         completion_mask=mask,
         local=local,
         policy_logps=lambda: policy_logps,
+        policy_collision_probs=lambda: collision,
         processing_class=char_tokenizer(),
         greedy_rewards=lambda: greedy,
         auxiliary=auxiliary if auxiliary is not None else {},
@@ -246,6 +249,22 @@ def po_trainer(tmp_path, po_tokenizer):
         )
 
     return build
+
+
+def trains_on_task(po_trainer, methods, task: str, steps: int = 2, **fields):
+    """Train ``steps`` steps of ``methods`` on an embedded task's prompts with its reward and, for a multi-turn task,
+    its rollout function (``po_trainer`` is the fixture); assert the weights moved. Returns the trainer."""
+    from .registry import get_task
+
+    spec = get_task(task)
+    trainer = po_trainer(list(methods), task=task, rollout_func=spec.rollout_function(),
+                         reward_funcs=[spec.reward_function()], max_completion_length=spec.max_completion_length,
+                         max_steps=steps, **fields)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters())), \
+        f"{methods} left the weights unchanged in {steps} steps on {task}"
+    return trainer
 
 
 # -- the conformance suite --------------------------------------------------------------------------------------

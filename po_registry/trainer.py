@@ -9,6 +9,7 @@ rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_sav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -24,7 +25,7 @@ from trl.data_utils import is_conversational
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
-from .context import RunContext
+from .context import RunContext, completion_logits
 from .diagnostics import Diagnostics, resolve_limits
 from .errors import CouplingWarning, OptionError
 from .pipeline import Pipeline, assemble
@@ -180,14 +181,18 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         # reward matrix nor the batch: they come back through this round's list, which exactly one call fills.
         self._po_scores = []
         try:
-            out = super()._generate_and_score_completions(inputs)
+            with self._without_old_logps_pass():
+                out = super()._generate_and_score_completions(inputs)
             ((rewards, scoring),) = self._po_scores
         finally:
             self._po_scores = None
+        if self.po_context.old_logps_from_sampler:
+            out["old_per_token_logps"] = self._sampler_logps(out)
         loss_mask = (out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]).float()
         batch = dataclasses.replace(
             scoring, local=out, rows=inputs, completion_mask=self._gather_padded(loss_mask),
             policy_logps=functools.cache(lambda: self._behaviour_logps(out)),
+            policy_collision_probs=functools.cache(lambda: collision_probabilities(self, out)),
             greedy_completions=functools.cache(lambda: self._greedy_completions(inputs, out)))
         scored = self.po_pipeline.score(rewards, batch)
         rows = batch.local_rows
@@ -211,6 +216,30 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         if scored.keep_groups is None:
             return out, None
         return out, scored.keep_groups[rows.start // batch.group_size: rows.stop // batch.group_size]
+
+    @contextlib.contextmanager
+    def _without_old_logps_pass(self):
+        """Bypass mode: TRL recomputes pi_old when generation and optimizer steps are misaligned, a test it makes on
+        ``args.gradient_accumulation_steps`` alone (read nowhere else in its rollout); a multiple of the generation
+        period, for the length of the rollout, turns that forward pass off."""
+        if not self.po_context.old_logps_from_sampler:
+            yield
+            return
+        saved = self.args.gradient_accumulation_steps
+        self.args.gradient_accumulation_steps = self.args.steps_per_generation * self.num_iterations
+        try:
+            yield
+        finally:
+            self.args.gradient_accumulation_steps = saved
+
+    def _sampler_logps(self, out) -> torch.Tensor:
+        """Bypass mode's pi_old: the sampler's log-probs, recomputed only where the sampler gave none (NaN)."""
+        sampler = out.get("sampling_per_token_logps")
+        if sampler is None:
+            raise ValueError("bypass mode (the sampler's log-probs as pi_old, rollout_correction_bypass) needs a "
+                             "sampler that returns them: use_vllm=True, or a rollout function returning 'logprobs'")
+        missing = torch.isnan(sampler)
+        return torch.where(missing, sampled_token_logps(self, out), sampler) if missing.any() else sampler
 
     def _behaviour_logps(self, out) -> torch.Tensor:
         """Log-probs of the sampled tokens under the policy that sampled them (no gradient)."""
@@ -417,6 +446,18 @@ def sampled_token_logps(trainer: GRPOTrainer, batch: dict) -> torch.Tensor:
         logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
                                                                  batch["completion_ids"].size(1))
     return logps
+
+
+def collision_probabilities(trainer: GRPOTrainer, batch: dict) -> torch.Tensor:
+    """(B, T) sum_v pi(v | prefix)^2 at each completion position under the trainer's model at the sampling
+    temperature, without gradient; a micro-batch of rows at a time (their logits span the vocabulary)."""
+    chunk = trainer.args.per_device_train_batch_size
+    parts = []
+    with torch.no_grad(), trainer.accelerator.autocast():
+        for start in range(0, batch["completion_ids"].shape[0], chunk):
+            logits = completion_logits(trainer.model, batch, start, start + chunk, trainer.temperature)
+            parts.append(torch.softmax(logits.float(), dim=-1).square().sum(-1))
+    return torch.cat(parts)
 
 
 def micro_batch_loss(trainer: GRPOTrainer, batch: dict, accumulation_steps: int = 1) -> torch.Tensor:

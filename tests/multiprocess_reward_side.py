@@ -27,6 +27,7 @@ METHODS = {
     "remax": ({}, {}),
     "process-reward": ({"process_reward_function": "helpers:digit_token_rewards"}, {}),
     "ppo": ({}, {}),
+    "optimal-token-baseline": ({}, {}),
 }
 
 out = sys.argv[1]

@@ -34,19 +34,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from po_registry import CouplingWarning, hookimpl
-from po_registry.context import AuxiliaryModel, load_model
+from po_registry.context import AuxiliaryModel, completion_logits, load_model
 from po_registry.ops import kl_estimate, masked_mean, returns_to_go
 
 PAPER = "thinkingmachines.ai/blog/on-policy-distillation (OPD); survey section 8 (GRPO-OPD operators)"
-
-
-def completion_logits(model, rows, start: int, stop: int, temperature: float) -> torch.Tensor:
-    """(b, T, V) logits predicting each completion token of rows ``start:stop``, divided by the temperature."""
-    width = rows["completion_ids"].shape[1]
-    ids = torch.cat([rows["prompt_ids"][start:stop], rows["completion_ids"][start:stop]], dim=1)
-    attention = torch.cat([rows["prompt_mask"][start:stop], rows["completion_mask"][start:stop]], dim=1)
-    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1).logits[:, :-1]
-    return logits[:, -width:] / temperature
 
 
 def teacher_chunk(options, args) -> int:

@@ -12,6 +12,9 @@ trainer is out of bounds, from the token statistics log w (k1), (log w)^2 / 2 (k
 estimators of KL(mu || pi_old) on samples of mu), per token or reduced per sequence by sum, mean or max:
   token_k1, seq_sum_k1, seq_mean_k1: lower <= exp(statistic) <= upper (a bound on the weight);
   the k2 and k3 criteria: statistic <= upper. Several criteria must all pass.
+Bypass mode (optional, verl's bypass_mode with its ppo_clip loss): the sampler's log-probs stand in for pi_old, which
+is then not recomputed. The importance ratio becomes pi_theta / mu and the objective's clip its trust region, so no
+weight is applied on top (it would count the ratio twice); rejection sampling then reads w = pi_theta / mu.
 """
 
 import math
@@ -81,6 +84,13 @@ def rejection_keep(log_w: torch.Tensor, mask: torch.Tensor, criteria: list[tuple
     return keep
 
 
+def sampler_log_weight(batch) -> torch.Tensor:
+    """(B, T) log w, without gradient, 0 off the loss mask and where the sampler gave no log-prob: log pi_old - log mu,
+    or in bypass mode (pi_old is mu there) log pi_theta - log mu."""
+    policy = batch.logps if batch.options["rollout_correction_bypass"] else batch.old_logps
+    return torch.nan_to_num((policy.detach() - batch.sampling_logps) * batch.mask, nan=0.0)
+
+
 class RolloutCorrection:
     @hookimpl
     def po_register_methods(self, register):
@@ -104,6 +114,9 @@ class RolloutCorrection:
                  help="refuse a correction level that differs from the importance ratio's level")
         register("rollout_correction_batch_normalize", False, type=bool,
                  help="divide the weights by their mean over the micro-batch (every process), so they average to 1")
+        register("rollout_correction_bypass", False, type=bool,
+                 help="bypass mode: the sampler's log-probs are pi_old (not recomputed); the ratio pi_theta/mu and "
+                      "its clip correct, no weight on top; rejection reads pi_theta/mu")
         register("rollout_rejection", "", type=str,
                  help="rejection criteria, comma-separated: " + ", ".join(REJECTION_CRITERIA) + " ('': none)")
         register("rollout_rejection_bounds", "", type=str,
@@ -129,16 +142,24 @@ class RolloutCorrection:
             raise ValueError("TRL's own vLLM correction is on as well: set vllm_importance_sampling_correction=false")
 
     @hookimpl
+    def po_setup(self, context, options):
+        if options["rollout_correction_bypass"]:
+            context.old_logps_from_sampler = True
+
+    @hookimpl
     def po_rollout_correction(self, batch):
         if batch.sampling_logps is None:
             return None  # the sampler returned no log-probs: nothing to correct
         options = batch.options
+        if options["rollout_correction_bypass"]:
+            weight = torch.exp(sampler_log_weight(batch).clamp(max=LOG_RATIO_BOUND))
+            batch.log_metric("rollout_correction/weight_mean", batch.global_masked_mean(weight))
+            return None  # the ratio pi_theta / mu is the importance weight already
         mode = options["rollout_correction_mode"]
-        log_w = torch.nan_to_num((batch.old_logps - batch.sampling_logps) * batch.mask, nan=0.0)
+        log_w = sampler_log_weight(batch)
         if mode.startswith("sequence"):
             log_w = log_w.sum(-1, keepdim=True)
         high, low = options["rollout_correction_clip_max"], options["rollout_correction_clip_min"]
-        log_w = log_w.detach()
         if mode.endswith("truncate"):
             weight = torch.exp(torch.clamp(log_w, min=math.log(low) if low > 0 else None, max=math.log(high)))
         else:
@@ -163,7 +184,6 @@ class RolloutCorrection:
         criteria = parse_rejection(batch.options["rollout_rejection"], batch.options["rollout_rejection_bounds"])
         if not criteria or batch.sampling_logps is None:
             return None
-        log_w = torch.nan_to_num((batch.old_logps - batch.sampling_logps) * batch.mask, nan=0.0).detach()
-        keep = rejection_keep(log_w, batch.mask, criteria)
+        keep = rejection_keep(sampler_log_weight(batch), batch.mask, criteria)
         batch.log_metric("rollout_correction/rejected_fraction", batch.global_masked_mean(1.0 - keep))
         return keep.expand_as(batch.mask)

@@ -20,7 +20,8 @@ class TestConformance(PluginConformance):
 def _batch(po_loss_batch, mode, clip_min=0.0):
     batch = po_loss_batch(rows=2, width=4, options={"rollout_correction_mode": mode, "rollout_correction_clip_max": 2.0,
                                                     "rollout_correction_clip_min": clip_min,
-                                                    "rollout_correction_batch_normalize": False})
+                                                    "rollout_correction_batch_normalize": False,
+                                                    "rollout_correction_bypass": False})
     batch.mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     batch.old_logps = torch.zeros(2, 4)
     # log w = old - sampler: token weights e^0.5, (hole: e^3), e^-2, e^1 and e^1, e^0.2 (then padding). The hole is an
@@ -52,7 +53,7 @@ def test_sequence_modes(po_loss_batch):
 
 def test_no_sampler_log_probs_no_correction(po_loss_batch):
     batch = po_loss_batch(options={"rollout_correction_mode": "token_mask", "rollout_correction_clip_max": 3.0,
-                                   "rollout_correction_clip_min": 0.0})
+                                   "rollout_correction_clip_min": 0.0, "rollout_correction_bypass": False})
     assert RolloutCorrection().po_rollout_correction(batch) is None
 
 
@@ -159,7 +160,8 @@ def test_trains_from_a_rollout_function_with_sampler_log_probs(po_tokenizer, po_
 
 REJECTION = {"rollout_correction_mode": "token_truncate", "rollout_correction_clip_max": 100.0,
              "rollout_correction_clip_min": 0.0, "rollout_correction_match_ratio": False,
-             "rollout_correction_batch_normalize": False, "rollout_rejection": "", "rollout_rejection_bounds": ""}
+             "rollout_correction_batch_normalize": False, "rollout_rejection": "", "rollout_rejection_bounds": "",
+             "rollout_correction_bypass": False}
 
 
 def _sampled(po_loss_batch, weights, mask, **options):
@@ -223,3 +225,112 @@ class TestConformanceRejection(PluginConformance):
     options = {"rollout_rejection": "token_k1,seq_max_k3", "rollout_rejection_bounds": "0.5_2,1.0",
                "rollout_correction_batch_normalize": True}
     train_steps = 0
+
+
+# -- bypass mode: the sampler's log-probs as pi_old ------------------------------------------------------------------
+
+BYPASS = dict(COMMON, num_iterations=2)  # TRL recomputes pi_old here (generation every 2 steps, 1 accumulation step)
+
+
+def _trainer(kind, po_tokenizer, po_tiny_model_dir, tmp_path, bypass=True, rollout_func=True):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from po_registry.config import PolicyOptimizationConfig
+    from po_registry.registry import get_task
+    from po_registry.trainer import PolicyOptimizationTrainer
+
+    common = dict(model=po_tiny_model_dir, processing_class=po_tokenizer, reward_funcs=[partial_credit],
+                  train_dataset=get_task("addition").dataset(64),
+                  rollout_func=make_rollout(po_tokenizer) if rollout_func else None)
+    if kind == "stock":
+        return GRPOTrainer(args=GRPOConfig(output_dir=str(tmp_path / kind), **BYPASS), **common)
+    options = {"rollout_correction_bypass": bypass, "rollout_correction_mode": "token_truncate"}
+    return PolicyOptimizationTrainer(args=PolicyOptimizationConfig(
+        output_dir=str(tmp_path / kind), methods=["rollout-correction"], method_options=options, **BYPASS), **common)
+
+
+def _rows():
+    from po_registry.registry import get_task
+
+    dataset = get_task("addition").dataset(64)
+    return [dict(dataset[i]) for i in range(2) for _ in range(4)]
+
+
+def test_bypass_takes_the_sampler_log_probs_as_pi_old_without_recomputing_them(po_tokenizer, po_tiny_model_dir,
+                                                                               tmp_path, monkeypatch):
+    from po_registry.trainer import PolicyOptimizationTrainer, rollout
+
+    passes = []
+    original = PolicyOptimizationTrainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(PolicyOptimizationTrainer, "_get_per_token_logps_and_entropies",
+                        lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
+    for bypass, forward_passes in ((False, 1), (True, 0)):
+        trainer = _trainer(f"bypass-{bypass}", po_tokenizer, po_tiny_model_dir, tmp_path, bypass=bypass)
+        passes.clear()
+        torch.manual_seed(0)
+        batch = rollout(trainer, _rows())
+        assert len(passes) == forward_passes, bypass
+        same = torch.equal(batch["old_per_token_logps"], batch["sampling_per_token_logps"])
+        assert same == bypass  # the recomputed pi_old differs from the noisy sampler's
+        assert trainer.args.gradient_accumulation_steps == 1  # restored after the rollout
+
+
+def test_bypass_loss_equals_trl_clipping_around_the_sampler(po_tokenizer, po_tiny_model_dir, tmp_path):
+    """TRL's own loss with the sampler's log-probs put in place of its recomputed pi_old (verl's bypass with the
+    ppo_clip loss): the same loss and gradients, and the ratio pi_theta / mu is clipped for some tokens."""
+    from po_registry.trainer import micro_batch_loss, rollout
+
+    results = {}
+    for kind in ("stock", "ours"):
+        trainer = _trainer(kind, po_tokenizer, po_tiny_model_dir, tmp_path)
+        torch.manual_seed(0)
+        batch = rollout(trainer, _rows())
+        if kind == "stock":
+            batch["old_per_token_logps"] = batch["sampling_per_token_logps"]
+        trainer.model.zero_grad()
+        loss = micro_batch_loss(trainer, batch)
+        loss.backward()
+        results[kind] = (batch, loss.detach(), [p.grad.clone() for p in trainer.model.parameters()])
+    batch = results["ours"][0]
+    mask = batch["completion_mask"].bool()
+    from po_registry.trainer import sampled_token_logps
+
+    log_ratio = (sampled_token_logps(trainer, batch) - batch["sampling_per_token_logps"])[mask]
+    assert (log_ratio.abs() > math.log(1.2)).any()  # outside the clip range for some tokens
+    assert torch.allclose(results["stock"][1], results["ours"][1], atol=1e-6)
+    for a, b in zip(results["stock"][2], results["ours"][2]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bypass_applies_no_weight_and_rejects_by_the_current_policy_over_the_sampler(po_loss_batch):
+    """In bypass mode old_logps is mu: the weight pi_old / mu would be 1. Rejection reads pi_theta / mu instead:
+    token log-weights 0.1, 1.0, -1.5 against the k1 bounds [0.5, 2] (|log w| <= 0.693) keep tokens 1 and nothing else."""
+    batch = po_loss_batch(rows=1, width=3, options={**REJECTION, "rollout_correction_bypass": True,
+                                                    "rollout_rejection": "token_k1",
+                                                    "rollout_rejection_bounds": "0.5_2"})
+    batch.mask = torch.ones(1, 3)
+    batch.sampling_logps = torch.tensor([[-1.0, -2.0, -0.5]])
+    batch.old_logps = batch.sampling_logps.clone()  # what the trainer gives in bypass mode
+    batch.logps = batch.sampling_logps + torch.tensor([[0.1, 1.0, -1.5]])
+    logged = {}
+    batch.log_metric = logged.__setitem__
+    assert RolloutCorrection().po_rollout_correction(batch) is None
+    assert logged["rollout_correction/weight_mean"] == pytest.approx((math.exp(0.1) + math.e + math.exp(-1.5)) / 3)
+    assert RolloutCorrection().po_token_mask(batch).tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_bypass_without_sampler_log_probs_is_refused_before_any_update(po_tokenizer, po_tiny_model_dir, tmp_path):
+    trainer = _trainer("no-sampler", po_tokenizer, po_tiny_model_dir, tmp_path, rollout_func=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match="bypass mode .* needs a sampler that returns them"):
+        trainer.train()
+    assert all(p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+
+
+def test_bypass_trains_from_a_rollout_function(po_tokenizer, po_tiny_model_dir, tmp_path):
+    trainer = _trainer("train", po_tokenizer, po_tiny_model_dir, tmp_path)
+    trainer.args.max_steps = 2
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+    assert all("rollout_correction/weight_mean" in row for row in trainer.state.log_history if "loss" in row)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from po_registry.registry import get_registry
-from po_registry.testing import PluginConformance, default_args
+from po_registry.testing import PluginConformance, default_args, trains_on_task
 
 # Two episodes of one prompt: row 0 plays two turns, row 1 three; -1 marks environment tokens.
 TURN_INDEX = [[0, 0, -1, 1, -1, -1], [0, -1, 1, -1, 2, -1]]
@@ -122,14 +122,7 @@ class TestTurnReturnConformance(_Synthetic, PluginConformance):
 
 @pytest.mark.parametrize("method", ["turn-advantage", "gigpo", "turn-return"])
 def test_trains_on_the_multi_turn_environment(po_trainer, method):
-    from po_registry.registry import get_task
-
-    task = get_task("guess")
-    trainer = po_trainer([method], rollout_func=task.rollout_function(), reward_funcs=[task.reward_function()],
-                         max_completion_length=task.max_completion_length, max_steps=2)
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train()
-    assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+    trainer = trains_on_task(po_trainer, [method], "guess")
     assert all("env/turns_mean" in row for row in trainer.state.log_history if "loss" in row)
 
 
