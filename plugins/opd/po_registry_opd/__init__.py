@@ -45,16 +45,43 @@ def teacher_chunk(options, args) -> int:
     return options["opd_teacher_chunk"] or args.per_device_train_batch_size
 
 
-def _teacher(auxiliary) -> AuxiliaryModel:
+def teacher_paths(options) -> list[str]:
+    return [path.strip() for path in options["opd_teacher"].split(",") if path.strip()]
+
+
+def teacher_weights(options) -> list[float]:
+    """One weight per teacher: ``opd_teacher_weights``, or equal weights summing to 1."""
+    count = max(len(teacher_paths(options)), 1)
+    given = [part.strip() for part in options["opd_teacher_weights"].split(",") if part.strip()]
+    if not given:
+        return [1.0 / count] * count
+    try:
+        weights = [float(part) for part in given]
+    except ValueError:
+        raise ValueError(f"opd_teacher_weights: {options['opd_teacher_weights']!r} is not a comma-separated list of "
+                         "numbers") from None
+    if len(weights) != count or any(not w > 0 for w in weights):
+        raise ValueError(f"opd_teacher_weights: {len(weights)} weights for {count} teacher(s) in opd_teacher; give one "
+                         "weight > 0 per teacher")
+    return weights
+
+
+def teacher_name(index: int) -> str:
+    """The auxiliary model name of the teacher at ``index`` in ``opd_teacher``."""
+    return "teacher" if index == 0 else f"teacher_{index + 1}"
+
+
+def teachers(auxiliary, options) -> list[tuple[AuxiliaryModel, float]]:
+    """The run's teachers with their weights, in the order of ``opd_teacher``."""
     if "teacher" not in auxiliary:
         raise RuntimeError("no teacher is loaded: the opd components need po_setup (a PolicyOptimizationTrainer)")
-    return auxiliary["teacher"]
+    return [(auxiliary[teacher_name(k)], weight) for k, weight in enumerate(teacher_weights(options))]
 
 
-def teacher_token_logps(auxiliary, rows, temperature: float, chunk: int) -> torch.Tensor:
-    """(B, T) teacher log-probs of the sampled completion tokens, a chunk of rows at a time, computed once for the
-    rows' completion tensor (every stage of a micro-batch asks for the same)."""
-    teacher, ids = _teacher(auxiliary), rows["completion_ids"]
+def teacher_token_logps(teacher: AuxiliaryModel, rows, temperature: float, chunk: int) -> torch.Tensor:
+    """(B, T) a teacher's log-probs of the sampled completion tokens, a chunk of rows at a time, computed once for
+    the rows' completion tensor (every stage of a micro-batch asks for the same)."""
+    ids = rows["completion_ids"]
 
     def compute() -> torch.Tensor:
         parts = []
@@ -69,9 +96,11 @@ def teacher_token_logps(auxiliary, rows, temperature: float, chunk: int) -> torc
 
 def teacher_signal(auxiliary, rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options,
                    args) -> torch.Tensor:
-    """r_t = log pi_T(y_t) - log pi_old(y_t) on the loss tokens (0 elsewhere), clipped to [-c, c] when c > 0."""
-    teacher = teacher_token_logps(auxiliary, rows, args.temperature, teacher_chunk(options, args))
-    signal = (teacher - behaviour_logps) * mask
+    """r_t = log pi_T(y_t) - log pi_old(y_t) on the loss tokens (0 elsewhere), clipped to [-c, c] when c > 0; with
+    several teachers the weighted sum sum_k w_k (log pi_k(y_t) - log pi_old(y_t))."""
+    chunk = teacher_chunk(options, args)
+    signal = sum(weight * (teacher_token_logps(teacher, rows, args.temperature, chunk) - behaviour_logps)
+                 for teacher, weight in teachers(auxiliary, options)) * mask
     clip = options["opd_clip"]
     return signal.clamp(-clip, clip) if clip > 0 else signal
 
@@ -115,15 +144,37 @@ def token_divergence(student_logps: torch.Tensor, teacher_logps: torch.Tensor, b
             + (1 - beta) * student_logps.exp() * (student_logps - mixture)).sum(-1)
 
 
+def with_tail(logps: torch.Tensor) -> torch.Tensor:
+    """Log-probs of a few outcomes plus one more, the rest of the mass: log(1 - sum exp(logps)) (kept finite when
+    the few hold it all)."""
+    held = logps.logsumexp(-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logps, torch.log(-torch.expm1(held))], dim=-1)
+
+
+def on_teacher_top_k(student_logps: torch.Tensor, teacher_logps: torch.Tensor, k: int,
+                     tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions seen on the teacher's k most likely tokens only (what a teacher that sends its top-k
+    log-probs gives): with ``tail`` each gets one more outcome for the rest of its mass (k + 1 outcomes, exact
+    probabilities); without, each is renormalised over the k."""
+    teacher_top, tokens = teacher_logps.topk(k, dim=-1)
+    student_top = student_logps.gather(-1, tokens)
+    if tail:
+        return with_tail(student_top), with_tail(teacher_top)
+    return student_top.log_softmax(-1), teacher_top.log_softmax(-1)
+
+
 def full_divergence(student, teacher, rows, mask: torch.Tensor, temperature: float, chunk: int,
-                    beta: float = 1.0) -> torch.Tensor:
-    """Sum over loss tokens of :func:`token_divergence` (beta 1: KL(pi_theta || pi_T)).
+                    beta: float = 1.0, top_k: int = 0, tail: bool = True) -> torch.Tensor:
+    """Sum over loss tokens of :func:`token_divergence` (beta 1: KL(pi_theta || pi_T)), over the vocabulary or, with
+    ``top_k``, over the teacher's top-k tokens (:func:`on_teacher_top_k`).
 
     Each chunk of rows is checkpointed: its vocabulary-sized logits live only while that chunk is computed."""
 
     def chunk_sum(start: int, stop: int, chunk_mask: torch.Tensor) -> torch.Tensor:
         student_logps = torch.log_softmax(completion_logits(student, rows, start, stop, temperature).float(), -1)
         teacher_logps = torch.log_softmax(completion_logits(teacher, rows, start, stop, temperature).float(), -1)
+        if top_k:
+            student_logps, teacher_logps = on_teacher_top_k(student_logps, teacher_logps, top_k, tail)
         return (token_divergence(student_logps, teacher_logps, beta) * chunk_mask).sum()
 
     total = mask.new_zeros(())
@@ -149,12 +200,25 @@ class Teacher:
         if options["opd_beta"] != 1.0 and options["opd_divergence"] != "full":
             raise ValueError(f"opd_beta={options['opd_beta']} chooses a full-vocabulary divergence (forward KL, "
                              "JSD): set opd_divergence=full (the sampled divergence is the reverse KL)")
+        if options["opd_top_k"] and options["opd_divergence"] != "full":
+            raise ValueError(f"opd_top_k={options['opd_top_k']} restricts the full divergence to the teacher's top-k "
+                             "tokens: set opd_divergence=full (the sampled divergence reads one token)")
+        teacher_weights(options)  # refused here, by name, when they do not fit the teachers
 
     @hookimpl
     def po_declare_options(self, register):
         register("opd_teacher", "", type=str,
-                 help="teacher checkpoint (a local causal LM with the student's vocabulary); empty: the base model "
-                      "of a LoRA student")
+                 help="teacher checkpoint (a local causal LM with the student's vocabulary), or several, comma-"
+                      "separated; empty: the base model of a LoRA student")
+        register("opd_teacher_weights", "", type=str,
+                 help="one weight > 0 per teacher, comma-separated: the signal and divergence are the weighted sums "
+                      "of each teacher's; empty: equal weights summing to 1")
+        register("opd_top_k", 0, type=int, check=lambda v: v >= 0,
+                 help="the full divergence over the teacher's top-k tokens only (a teacher that sends its top-k "
+                      "log-probs); 0: the whole vocabulary")
+        register("opd_top_k_tail", True, type=bool,
+                 help="with opd_top_k: one more outcome holds the rest of each distribution's mass; false: both "
+                      "renormalised over the k")
         register("opd_teacher_chunk", 0, type=int, check=lambda v: v >= 0,
                  help="rows per teacher forward pass; 0: per_device_train_batch_size")
         register("opd_lambda", 1.0, type=float, check=lambda v: v >= 0.0, help="weight lambda of the teacher signal")
@@ -174,14 +238,16 @@ class Teacher:
 
     @hookimpl
     def po_setup(self, context, options):
-        student, path = context.model, options["opd_teacher"]
-        if not path:
+        student, paths = context.model, teacher_paths(options)
+        if not paths:
             if not hasattr(student, "disable_adapter"):
                 raise ValueError("opd_teacher is empty and the student is not a LoRA adapter: give the teacher's "
                                  "checkpoint in opd_teacher")
             context.register_auxiliary("teacher", AuxiliaryModel(student, adapter_off=True))
             return
-        context.register_auxiliary("teacher", AuxiliaryModel(load_teacher(path, student, context.processing_class)))
+        for index, path in enumerate(paths):
+            context.register_auxiliary(teacher_name(index),
+                                       AuxiliaryModel(load_teacher(path, student, context.processing_class)))
 
 
 def load_teacher(path: str, student, processing_class):
@@ -266,9 +332,11 @@ class PureOPD:
 
 
 def _full_kl(batch, student, coefficient: float) -> torch.Tensor:
-    beta = batch.options["opd_beta"]
-    total = full_divergence(student, _teacher(batch.auxiliary), batch.inputs, batch.mask, batch.args.temperature,
-                            teacher_chunk(batch.options, batch.args), beta)
+    options, beta = batch.options, batch.options["opd_beta"]
+    total = sum(weight * full_divergence(student, teacher, batch.inputs, batch.mask, batch.args.temperature,
+                                         teacher_chunk(options, batch.args), beta, options["opd_top_k"],
+                                         options["opd_top_k_tail"])
+                for teacher, weight in teachers(batch.auxiliary, options))
     kl = batch.mean_over_processes(total, batch.mask.sum())  # the token mean over every process's micro-batch
     name = {1.0: "full_reverse_kl", 0.0: "full_forward_kl"}.get(beta, "full_jsd")
     batch.log_metric(f"opd/{name}", batch.reduce_sum(kl.detach()).item() / batch.num_processes)
@@ -399,11 +467,14 @@ class TeacherKL:
     def po_token_penalty(self, batch):
         if batch.options["opd_divergence"] == "full":
             return None
-        teacher = teacher_token_logps(batch.auxiliary, batch.inputs, batch.args.temperature,
-                                      teacher_chunk(batch.options, batch.args))
-        kl = kl_estimate(batch.logps, teacher, batch.options["opd_kl_estimator"])
+        chunk, estimator = teacher_chunk(batch.options, batch.args), batch.options["opd_kl_estimator"]
+        kl, logged = 0.0, 0.0
+        for teacher, weight in teachers(batch.auxiliary, batch.options):
+            teacher_logps = teacher_token_logps(teacher, batch.inputs, batch.args.temperature, chunk)
+            kl = kl + weight * kl_estimate(batch.logps, teacher_logps, estimator)
+            logged = logged + weight * kl_estimate(batch.logps.detach(), teacher_logps, "k3")
         # logged: k3, an unbiased estimate of KL(pi_theta || pi_T) whichever estimator drives the gradient
-        batch.log_metric("opd/teacher_kl", batch.global_masked_mean(kl_estimate(batch.logps.detach(), teacher, "k3")))
+        batch.log_metric("opd/teacher_kl", batch.global_masked_mean(logged))
         return current_lambda(batch) * kl
 
     @hookimpl

@@ -3,6 +3,7 @@ reverse KL against TRL's DistillationTrainer, the teacher's loading rules, and t
 
 import dataclasses
 import math
+import re
 import tempfile
 import warnings
 
@@ -129,8 +130,8 @@ def test_teacher_signal_is_the_sampled_token_log_ratio(po_reward_batch):
 
 def test_teacher_runs_in_chunks_of_rows_with_the_same_result(po_reward_batch):
     _, batch = po_reward_batch(group_size=4, num_groups=3, width=5, args=default_args())
-    whole = teacher_token_logps(batch.auxiliary, batch.local, 1.0, chunk=12)
-    assert torch.allclose(teacher_token_logps(_auxiliary(), batch.local, 1.0, chunk=5), whole, atol=1e-6)
+    whole = teacher_token_logps(batch.auxiliary["teacher"], batch.local, 1.0, chunk=12)
+    assert torch.allclose(teacher_token_logps(_auxiliary()["teacher"], batch.local, 1.0, chunk=5), whole, atol=1e-6)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
@@ -196,7 +197,7 @@ def test_kl_operator_default_is_k2_on_the_real_teacher(po_loss_batch):
 def _fixed_teacher(monkeypatch, teacher_logps):
     """The teacher's log-probs of the sampled tokens, given directly (the teacher model's plumbing is tested above)."""
     monkeypatch.setattr(po_registry_opd, "teacher_token_logps",
-                        lambda auxiliary, rows, temperature, chunk: teacher_logps)
+                        lambda teacher, rows, temperature, chunk: teacher_logps)
 
 
 @pytest.mark.parametrize("estimator, per_token", [
@@ -452,3 +453,143 @@ def test_token_divergences_by_hand():
 def test_a_non_reverse_divergence_needs_the_full_vocabulary():
     with pytest.raises(OptionError, match="opd_beta=0.5 chooses a full-vocabulary divergence"):
         default_args(["opd"], {"opd_beta": 0.5})
+
+
+# -- the teacher's top-k, several teachers ----------------------------------------------------------------------------
+
+def test_top_k_divergences_by_hand():
+    """Teacher (0.6, 0.3, 0.1), student (0.2, 0.5, 0.3). Top-1 with the tail: outcomes {token 0, rest}, teacher (0.6,
+    0.4), student (0.2, 0.8): reverse KL 0.2 ln(0.2/0.6) + 0.8 ln(0.8/0.4). Top-2 renormalised: teacher (2/3, 1/3),
+    student (2/7, 5/7): forward KL 2/3 ln(7/3) + 1/3 ln(7/15)."""
+    from po_registry_opd import on_teacher_top_k, token_divergence
+
+    teacher, student = torch.tensor([0.6, 0.3, 0.1]).log(), torch.tensor([0.2, 0.5, 0.3]).log()
+    s, t = on_teacher_top_k(student, teacher, 1, tail=True)
+    expected = 0.2 * math.log(0.2 / 0.6) + 0.8 * math.log(0.8 / 0.4)
+    assert token_divergence(s, t, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    s, t = on_teacher_top_k(student, teacher, 2, tail=False)
+    expected = 2 / 3 * math.log(7 / 3) + 1 / 3 * math.log(7 / 15)
+    assert token_divergence(s, t, 0.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_top_k_forward_kl_equals_trl_server_distillation(tail):
+    """TRL's server distillation (a teacher that sends its top-k log-probs) computes the forward KL on the teacher's
+    top-k support, with a tail bucket (its default) or renormalised: the same per-token values from its own helpers."""
+    from trl.experimental.server_distillation.server_distillation_trainer import _add_tail_bucket, _jsd_divergence
+
+    from po_registry_opd import on_teacher_top_k, token_divergence
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.log_softmax(2 * torch.randn(2, 3, 7, generator=generator), -1)
+    teacher = torch.log_softmax(2 * torch.randn(2, 3, 7, generator=generator), -1)
+    ours = token_divergence(*on_teacher_top_k(student, teacher, 3, tail), 0.0)
+    teacher_top, tokens = teacher.topk(3, dim=-1)
+    student_top, valid = student.gather(-1, tokens), torch.ones_like(teacher_top, dtype=torch.bool)
+    if tail:
+        student_sparse, support = _add_tail_bucket(student_top, valid)
+        teacher_sparse, _ = _add_tail_bucket(teacher_top, valid)
+    else:
+        support = valid
+        student_sparse = student_top - student_top.logsumexp(-1, keepdim=True)
+        teacher_sparse = teacher_top - teacher_top.logsumexp(-1, keepdim=True)
+    theirs = _jsd_divergence(student_sparse, teacher_sparse, beta=0.0, support_mask=support).sum(-1)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert ours.min() > 0
+
+
+def test_top_k_over_the_whole_vocabulary_is_the_full_divergence():
+    from po_registry_opd import on_teacher_top_k, token_divergence
+
+    generator = torch.Generator().manual_seed(1)
+    student = torch.log_softmax(torch.randn(4, 6, generator=generator), -1)
+    teacher = torch.log_softmax(torch.randn(4, 6, generator=generator), -1)
+    for beta in (1.0, 0.0, 0.5):
+        full = token_divergence(student, teacher, beta)
+        assert torch.allclose(token_divergence(*on_teacher_top_k(student, teacher, 6, True), beta), full, atol=1e-6)
+
+
+SECOND_TEACHER_DIR = tempfile.mkdtemp(prefix="po-opd-teacher2-")
+tiny_causal_lm(char_tokenizer(), seed=2).save_pretrained(SECOND_TEACHER_DIR)
+
+
+def test_several_teachers_give_the_weighted_sum_of_their_signals(po_reward_batch):
+    """r_t = 0.25 (log pi_A - log pi_old) + 0.75 (log pi_B - log pi_old), each teacher's log-probs from its own
+    forward pass here."""
+    from transformers import AutoModelForCausalLM
+
+    second = AutoModelForCausalLM.from_pretrained(SECOND_TEACHER_DIR).eval()
+    options = _options(opd_teacher=f"{TEACHER_DIR},{SECOND_TEACHER_DIR}", opd_teacher_weights="0.25,0.75")
+    auxiliary = {"teacher": AuxiliaryModel(TEACHER_MODEL), "teacher_2": AuxiliaryModel(second)}
+    _, batch = po_reward_batch(options=options, args=default_args(), auxiliary=auxiliary)
+    behaviour = batch.policy_logps()
+    signal = teacher_signal(batch.auxiliary, batch.local, behaviour, batch.local_mask, options, batch.args)
+    first_logps = _teacher_logps(batch.local)
+    ids = torch.cat([batch.local["prompt_ids"], batch.local["completion_ids"]], 1)
+    with torch.no_grad():
+        logits = second(input_ids=ids, attention_mask=torch.cat([batch.local["prompt_mask"],
+                                                                 batch.local["completion_mask"]], 1)).logits
+    width, prompt = batch.local["completion_ids"].shape[1], batch.local["prompt_ids"].shape[1]
+    second_logps = torch.log_softmax(logits[:, prompt - 1: prompt - 1 + width], -1).gather(
+        -1, batch.local["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    expected = (0.25 * (first_logps - behaviour) + 0.75 * (second_logps - behaviour)) * batch.local_mask
+    assert torch.allclose(signal, expected, atol=1e-5)
+    assert not torch.allclose(first_logps, second_logps, atol=1e-2)
+
+
+def test_several_teachers_full_divergence_is_the_weighted_sum_of_trl_losses(po_tiny_model_dir, po_tokenizer, tmp_path):
+    """Pure OPD, forward KL over the vocabulary, two teachers weighted 0.25 and 0.75: the loss and gradients equal
+    0.25 and 0.75 of DistillationTrainer's with each teacher alone."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    from po_registry.config import PolicyOptimizationConfig
+    from po_registry.registry import get_task
+    from po_registry.trainer import PolicyOptimizationTrainer, micro_batch_loss, rollout
+
+    dataset = get_task("addition").dataset(32)
+    common = dict(use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8, max_completion_length=6,
+                  temperature=1.0, max_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
+    ours = PolicyOptimizationTrainer(
+        model=po_tiny_model_dir, processing_class=po_tokenizer, train_dataset=dataset, reward_funcs=[partial_credit],
+        args=PolicyOptimizationConfig(
+            output_dir=str(tmp_path / "ours"), methods=["opd"], num_generations=4,
+            method_options={"opd_teacher": f"{TEACHER_DIR},{SECOND_TEACHER_DIR}", "opd_teacher_weights": "0.25,0.75",
+                            "opd_divergence": "full", "opd_beta": 0.0}, **common))
+    batch = rollout(ours, [dataset[0]] * 4 + [dataset[1]] * 4)
+    ours.model.zero_grad()
+    loss = micro_batch_loss(ours, dict(batch))
+    loss.backward()
+    expected_loss, expected_grads = 0.0, None
+    for weight, teacher in ((0.25, TEACHER_DIR), (0.75, SECOND_TEACHER_DIR)):
+        stock = DistillationTrainer(model=po_tiny_model_dir, teacher_model=teacher, processing_class=po_tokenizer,
+                                    train_dataset=dataset, args=DistillationConfig(
+                                        output_dir=str(tmp_path / f"stock-{weight}"), beta=0.0, **common))
+        stock.model.train()
+        stock_loss = stock.compute_loss(stock.model, dict(batch))
+        stock_loss.backward()
+        expected_loss += weight * stock_loss.item()
+        grads = [weight * p.grad for p in stock.model.parameters()]
+        expected_grads = grads if expected_grads is None else [a + b for a, b in zip(expected_grads, grads)]
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
+    for p, g in zip(ours.model.parameters(), expected_grads):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"opd_teacher": "a,b", "opd_teacher_weights": "1"}, "1 weights for 2 teacher"),
+    ({"opd_teacher": "a,b", "opd_teacher_weights": "1,0"}, "one weight > 0 per teacher"),
+    ({"opd_teacher": "a", "opd_teacher_weights": "x"}, "'x' is not a comma-separated list"),
+    ({"opd_top_k": 4}, "opd_top_k=4 restricts the full divergence"),
+])
+def test_bad_teacher_settings_are_refused_by_name(options, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        default_args(["opd"], options)
+
+
+def test_trains_with_two_teachers_on_their_top_k(po_trainer):
+    trainer = po_trainer(["opd-kl"], {"opd_teacher": f"{TEACHER_DIR},{SECOND_TEACHER_DIR}", "opd_divergence": "full",
+                                      "opd_top_k": 3, "opd_beta": 0.5})
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+    assert all("opd/full_jsd" in row for row in trainer.state.log_history if "loss" in row)
