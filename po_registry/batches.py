@@ -54,6 +54,9 @@ class RewardBatch:
     # under the policy that sampled them at the sampling temperature: one forward pass, on first call.
     policy_collision_probs: Callable[[], torch.Tensor] | None = None
     processing_class: Any = None  # the trainer's tokenizer, to decode completions
+    # Prompts (strings or conversations) -> token ids, as the trainer tokenizes the prompts it samples from (chat
+    # template, generation prompt): for a stage that runs a model on prompts of its own making.
+    tokenize_prompts: Callable[[list], list[list[int]]] | None = None
     log_metric: Callable[[str, float], None] = _ignore_metric
     # (B, T) -> (N, T): concatenate this process's rows with every other process's, padding T to the longest.
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t

@@ -85,7 +85,8 @@ class AuxiliaryModel:
 
     Frozen (no ``learning_rate``; a teacher): evaluation mode, no gradient, and :meth:`outputs` computes its outputs
     for a batch once (several stages of one micro-batch ask for the same rows). With ``adapter_off`` the model is
-    the LoRA policy itself run with its adapter disabled (its base model as the teacher; left trainable).
+    the LoRA policy itself run with its adapter disabled (its base model as the teacher; left trainable); with
+    ``shared`` it is the policy as it is (a live self-teacher), run without gradient and otherwise left alone.
 
     Trainable (a critic): its own AdamW at ``learning_rate``, the policy's schedule type and warm-up over the run's
     steps, gradient clipping at ``max_grad_norm``; it steps right after each policy optimizer step with its gradients
@@ -94,7 +95,7 @@ class AuxiliaryModel:
     resume."""
 
     def __init__(self, model: torch.nn.Module, learning_rate: float | None = None, max_grad_norm: float = 1.0,
-                 adapter_off: bool = False):
+                 adapter_off: bool = False, shared: bool = False):
         self.model, self.adapter_off = model, adapter_off
         self.trainable = learning_rate is not None
         self.max_grad_norm = max_grad_norm
@@ -104,7 +105,7 @@ class AuxiliaryModel:
         self.scheduler, self._pending_state = None, None
         self._reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
         self._memo_key, self._memo = None, None
-        if not self.trainable and not adapter_off:
+        if not self.trainable and not adapter_off and not shared:
             model.eval()
             model.requires_grad_(False)
 

@@ -130,6 +130,7 @@ def reward_batch(group_size: int = 4, num_groups: int = 3, num_rewards: int = 1,
         policy_logps=lambda: policy_logps,
         policy_collision_probs=lambda: collision,
         processing_class=char_tokenizer(),
+        tokenize_prompts=lambda prompts: [char_tokenizer()(prompt)["input_ids"] for prompt in prompts],
         greedy_rewards=lambda: greedy,
         auxiliary=auxiliary if auxiliary is not None else {},
     )

@@ -193,7 +193,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             scoring, local=out, rows=inputs, completion_mask=self._gather_padded(loss_mask),
             policy_logps=functools.cache(lambda: self._behaviour_logps(out)),
             policy_collision_probs=functools.cache(lambda: collision_probabilities(self, out)),
-            greedy_completions=functools.cache(lambda: self._greedy_completions(inputs, out)))
+            greedy_completions=functools.cache(lambda: self._greedy_completions(inputs, out)),
+            tokenize_prompts=lambda prompts: [list(ids) for ids in self._tokenize_prompts(prompts)[0]])
         scored = self.po_pipeline.score(rewards, batch)
         rows = batch.local_rows
         width = loss_mask.shape[1]

@@ -28,6 +28,7 @@ METHODS = {
     "process-reward": ({"process_reward_function": "helpers:digit_token_rewards"}, {}),
     "ppo": ({}, {}),
     "optimal-token-baseline": ({}, {}),
+    "sdpo": ({"sdpo_weight": 0.5, "sdpo_success_threshold": 0.1}, {}),
 }
 
 out = sys.argv[1]
