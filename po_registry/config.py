@@ -40,7 +40,7 @@ FIELD_RANGES = {
     "adam_beta1": _within(0, 1), "adam_beta2": _within(0, 1), "adam_epsilon": _above(0),
     "warmup_ratio": _within(0, 1), "warmup_steps": _at_least(0), "num_train_epochs": _above(0),
     "logging_steps": _above(0), "save_steps": _above(0), "save_total_limit": _at_least(1),
-    "sapo_temperature_neg": _above(0), "sapo_temperature_pos": _above(0),
+    "sapo_temperature_neg": _above(0), "sapo_temperature_pos": _above(0), "async_staleness": _at_least(0),
 }
 
 
@@ -75,6 +75,10 @@ class PolicyOptimizationConfig(GRPOConfig):
             default all, ``"none"`` or ``[]`` for none.
         detector_thresholds (`dict` or JSON `str`): detector -> {threshold: value}, overriding the defaults, e.g.
             ``{"entropy-collapse": {"ratio": 0.1}}``.
+        async_staleness (`int`, *optional*): sample with a generation worker, a copy of the policy on its own
+            thread, that runs this many generation batches ahead of the learner (bounded staleness k; 0 samples each
+            batch with the learner's current weights). The sampler's log-probs reach the stages as
+            ``sampling_logps``. None (default): the synchronous trainer. See docs/async.md.
 
     On a machine without a GPU, ``bf16`` defaults to False (TRL's default would fail there). The methods and
     options are resolved and validated when the config is built, so a bad name or value fails before training.
@@ -96,6 +100,11 @@ class PolicyOptimizationConfig(GRPOConfig):
     detector_thresholds: dict | str | None = field(
         default=None,
         metadata={"help": "Detector thresholds as {detector: {threshold: value}}, a dict or a JSON string."},
+    )
+    async_staleness: int | None = field(
+        default=None,
+        metadata={"help": "Generation batches a sampler thread runs ahead of the learner (bounded staleness k; 0: "
+                          "each batch with the current weights); unset: synchronous."},
     )
 
     def __post_init__(self):

@@ -8,6 +8,7 @@ holds its own auxiliary models, so two trainers in one process never share state
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,19 @@ def completion_logits(model, rows, start: int, stop: int, temperature: float) ->
     attention = torch.cat([rows["prompt_mask"][start:stop], rows["completion_mask"][start:stop]], dim=1)
     logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1).logits[:, :-1]
     return logits[:, -width:] / temperature
+
+
+def independent_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` that computes with its own weights. TRL patches the policy's ``forward`` (its fused LM
+    head) with a function that calls the original model's bound forward, and a deep copy keeps that function: the
+    copy would run the original's weights. Such patches are dropped from the copy, which gets its class's forward
+    back (plain forward passes and generation do not use the fused head)."""
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(getattr(forward, "__func__", forward), "__wrapped__", None) is type(module).forward:
+            del module.forward
+    return clone
 
 
 def load_model(source: str, like: torch.nn.Module | None = None, value_head: bool = False,

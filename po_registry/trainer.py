@@ -9,11 +9,14 @@ rewards, group selection), ``_compute_loss`` (the whole trajectory side), ``_sav
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -22,10 +25,12 @@ from transformers import GenerationConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
-from .context import RunContext, completion_logits
+from .context import RunContext, completion_logits, independent_copy
 from .diagnostics import Diagnostics, resolve_limits
 from .errors import CouplingWarning, OptionError
 from .pipeline import Pipeline, assemble
@@ -74,6 +79,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
                                      args=self.args, auxiliary=self.po_pipeline.auxiliary,
                                      add_callback=self.add_callback)
         self.po_pipeline.setup(self.po_context)
+        self._po_sampler = _Sampler(self) if getattr(self.args, "async_staleness", None) is not None else None
+        self._po_sampling = False  # inside a training rollout that the sampler serves
         self.po_diagnostics = _diagnostics(args)
         self.add_callback(_WatchLogs(self.po_diagnostics))
 
@@ -181,11 +188,12 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         # reward matrix nor the batch: they come back through this round's list, which exactly one call fills.
         self._po_scores = []
         try:
+            self._po_sampling = self._po_sampler is not None and self.model.training
             with self._without_old_logps_pass():
                 out = super()._generate_and_score_completions(inputs)
             ((rewards, scoring),) = self._po_scores
         finally:
-            self._po_scores = None
+            self._po_scores, self._po_sampling = None, False
         if self.po_context.old_logps_from_sampler:
             out["old_per_token_logps"] = self._sampler_logps(out)
         loss_mask = (out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]).float()
@@ -241,6 +249,34 @@ class PolicyOptimizationTrainer(GRPOTrainer):
                              "sampler that returns them: use_vllm=True, or a rollout function returning 'logprobs'")
         missing = torch.isnan(sampler)
         return torch.where(missing, sampled_token_logps(self, out), sampler) if missing.any() else sampler
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._po_sampling:  # a training rollout: the generation worker's batch for these prompts
+            return self._po_sampler.take(prompt_ids)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    def _sample_with(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        """TRL's transformers generation path run on ``model`` (the worker's copy), also recording each sampled
+        token's log-prob under the sampling distribution (after temperature and the top-k/top-p filters)."""
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        padded = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+                     pad_to_multiple_of=self.pad_to_multiple_of)
+        attention = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left",
+                        pad_to_multiple_of=self.pad_to_multiple_of)
+        device = self.accelerator.device
+        inputs = {"input_ids": padded.to(device), "attention_mask": attention.to(device)}
+        generation = unwrap_model_for_generation(model, self.accelerator, generation_kwargs=self.generation_kwargs)
+        with generation as unwrapped, torch.no_grad():
+            out = unwrapped.generate(**inputs, generation_config=self.generation_config, output_scores=True,
+                                     return_dict_in_generate=True)
+        completions = out.sequences[:, padded.shape[1]:]
+        logps = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+        is_eos = torch.isin(completions, torch.tensor(self.eos_token_ids, device=completions.device))
+        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], completions.shape[1],
+                                                                              dtype=torch.long))
+        keep = torch.arange(completions.shape[1], device=completions.device) <= ends.unsqueeze(1)
+        return ([c[k].tolist() for c, k in zip(completions.cpu(), keep.cpu())],
+                [l[k].tolist() for l, k in zip(logps.cpu(), keep.cpu())])
 
     def _behaviour_logps(self, out) -> torch.Tensor:
         """Log-probs of the sampled tokens under the policy that sampled them (no gradient)."""
@@ -320,6 +356,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
     # -- trajectory side ----------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
+        if self._po_sampler is not None and self.model.training:
+            self._po_sampler.fill_ahead()  # after TRL has shuffled the batch: the sampler's draws follow in order
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         completion_mask = inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -388,6 +426,124 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.exists(path):
             self.po_pipeline.load_state_dict(torch.load(path, weights_only=False))
+
+
+class _Sampler:
+    """The generation worker of asynchronous training (``async_staleness`` k): a copy of the policy on its own thread.
+
+    Each generation batch is submitted with a snapshot of the learner's trainable weights at that moment (its
+    version, in optimizer steps), and sampled with them while the learner trains on earlier batches; the learner
+    takes the batches in order. With k = 0 each batch is submitted when the learner needs it (the synchronous
+    trainer's samples); with k >= 1 the worker keeps k batches in flight, drawn from its own copy of the trainer's
+    prompt order and submitted after the learner's batch is shuffled: the worker is idle whenever the learner draws
+    random numbers, so their draws do not race, but two threads computing at once may split their operations
+    differently, so runs with k >= 1 are not bitwise reproducible. The sampled tokens' log-probs travel as the
+    rollout's ``sampling_per_token_logps`` (the behaviour policy mu); the learner's pi_old is its own weights when it
+    takes the batch."""
+
+    def __init__(self, trainer: PolicyOptimizationTrainer):
+        args = trainer.args
+        problems = [why for bad, why in (
+            (trainer.accelerator.num_processes > 1, "one process only (it runs beside a single learner)"),
+            (trainer.use_vllm, "transformers generation only (use_vllm=False)"),
+            (trainer.rollout_func is not None, "no rollout function (multi-turn episodes sample turn by turn)"),
+            (trainer.po_pipeline.refill_rounds() > 0, "no refill rounds (dynamic sampling draws fresh prompts)"),
+            (getattr(trainer, "use_transformers_continuous_batching", False), "no continuous batching")) if bad]
+        if problems:
+            raise OptionError(f"async_staleness={args.async_staleness}: the generation worker supports "
+                              + "; ".join(problems))
+        assembly = trainer.po_pipeline.assembly
+        # the baseline's sampler-correction applies TRL's vLLM ratio only; a method that replaces it (vespo) or adds
+        # a correction of its own reads the sampler's log-probs
+        corrected = set(assembly.owners.get("po_rollout_correction", [])) - {"sampler-correction"} or \
+            "sampler-correction" not in assembly.components
+        if args.async_staleness > 0 and not corrected:
+            warnings.warn(f"async_staleness={args.async_staleness} without a rollout correction: batches sampled by "
+                          "older weights are trained on as if on-policy (compose rollout-correction, or vespo, to "
+                          "correct pi_old / mu)", CouplingWarning, stacklevel=3)
+        self.trainer, self.ahead, self.threads = trainer, args.async_staleness, torch.get_num_threads()
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        self.model = independent_copy(policy).requires_grad_(False)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="po-sampler")
+        self.jobs: collections.deque = collections.deque()  # (prompt ids, version, future), oldest first
+        self.loader, self.stream = None, None  # the worker's own copy of the trainer's prompt order
+        trainer.add_callback(_StopSampler(self))
+
+    def submit(self, prompt_ids: list[list[int]]) -> None:
+        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        weights = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+        self.model.train(policy.training)
+        future = self.executor.submit(self._sample, prompt_ids, weights)
+        self.jobs.append((prompt_ids, self.trainer.state.global_step, future))
+
+    def _sample(self, prompt_ids, weights):
+        torch.set_num_threads(self.threads)  # a new thread starts from the process default, not the learner's setting
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+        return self.trainer._sample_with(self.model, prompt_ids)
+
+    def take(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        """The oldest batch in flight (submitted now when none is), which must be of these prompts."""
+        if not self.jobs:
+            self.submit(prompt_ids)
+        submitted, version, future = self.jobs.popleft()
+        started = time.perf_counter()
+        completions, logps = future.result()
+        concurrent.futures.wait([job[2] for job in self.jobs])  # idle while TRL shuffles: no draw races the worker's
+        if submitted != prompt_ids:
+            raise RuntimeError("async sampling: the worker's next batch is of other prompts than the learner's "
+                               "(its copy of the prompt order went out of step)")
+        metrics = self.trainer._metrics["train"]
+        metrics["async/staleness"].append(float(self.trainer.state.global_step - version))
+        metrics["async/wait_seconds"].append(time.perf_counter() - started)
+        return completions, logps
+
+    def fill_ahead(self) -> None:
+        """Keep k batches in flight: the next generation batches of the trainer's prompt order."""
+        while len(self.jobs) < self.ahead:
+            batch = self._next_generation_batch()
+            self.submit(self.trainer._tokenize_prompts([row["prompt"] for row in batch])[0])
+
+    def _next_generation_batch(self) -> list[dict]:
+        """The trainer's dataloader yields one generation batch per micro-step, each repeated for the ``period``
+        micro-steps that train on it; generation n is item n x period, here read from a second iteration of the same
+        seeded sampler (epoch after epoch, as the trainer's)."""
+        trainer = self.trainer
+        period = trainer.args.steps_per_generation * trainer.num_iterations
+        if self.loader is None:  # start where the learner is (a resumed run too): past the batches taken or in flight
+            self.loader = torch.utils.data.DataLoader(
+                trainer.train_dataset, sampler=trainer._get_train_sampler(), collate_fn=lambda rows: rows,
+                batch_size=trainer._train_batch_size * trainer.args.steps_per_generation)
+            for _ in range(trainer.state.global_step * trainer.args.gradient_accumulation_steps + period):
+                self._next_item()
+        batch = self._next_item()
+        for _ in range(period - 1):
+            self._next_item()
+        return batch
+
+    def _next_item(self) -> list[dict]:
+        item = next(self.stream, None) if self.stream is not None else None
+        if item is None:  # a new epoch: the sampler's generator carries on, as the trainer's does
+            self.stream = iter(self.loader)
+            item = next(self.stream)
+        return item
+
+    def close(self) -> None:
+        """Drop the batches not started (the run is over) and let the worker finish."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="po-sampler")
+        self.jobs.clear()
+        self.loader, self.stream = None, None
+
+
+class _StopSampler(TrainerCallback):
+    def __init__(self, sampler: _Sampler):
+        self.sampler = sampler
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.sampler.close()
 
 
 def _diagnostics(args) -> Diagnostics:

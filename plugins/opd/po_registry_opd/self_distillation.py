@@ -18,13 +18,11 @@ sampler's); its log-probs travel with the rows to the loss.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers import TrainerCallback
 
 from po_registry import hookimpl
-from po_registry.context import AuxiliaryModel, completion_logits
+from po_registry.context import AuxiliaryModel, completion_logits, independent_copy
 from po_registry.ops import masked_sum
 
 PAPER = "arXiv 2601.20802 (SDPO)"
@@ -140,7 +138,7 @@ class SelfDistillation:
                 raise ValueError("sdpo_teacher=base is the LoRA student's base model: this student has no adapter")
             teacher = AuxiliaryModel(policy, adapter_off=True)
         else:
-            teacher = AuxiliaryModel(copy.deepcopy(policy))
+            teacher = AuxiliaryModel(independent_copy(policy))
             context.add_callback(_MovingAverage(teacher.model, policy, options["sdpo_ema_rate"],
                                                 options["sdpo_ema_every"]))
             self.moving_average = teacher.model
