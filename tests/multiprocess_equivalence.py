@@ -85,6 +85,16 @@ def cases(teacher: str) -> dict[str, dict]:
         "rollout-correction (rejection, batch normalised)": case(
             ["rollout-correction"], {"rollout_correction_mode": "token_truncate", "rollout_rejection": "seq_max_k3",
                                      "rollout_rejection_bounds": "1.0", "rollout_correction_batch_normalize": True}),
+        "rollout-correction (bypass, rejection)": case(
+            ["rollout-correction"], {"rollout_correction_bypass": True, "rollout_rejection": "token_k1",
+                                     "rollout_rejection_bounds": "0.5_2"}),
+        "opd (two teachers, top-k 8, forward KL)": case(
+            ["opd"], {"opd_teacher": f"{teacher},{teacher}", "opd_teacher_weights": "0.3,0.7", "opd_divergence": "full",
+                      "opd_top_k": 8, "opd_beta": 0.0}),
+        "opd-advantage (two teachers)": case(["opd-advantage"], {"opd_teacher": f"{teacher},{teacher}",
+                                                                 "opd_teacher_weights": "0.3,0.7"}),
+        "sdpo (live teacher, blended)": case(["sdpo"], {"sdpo_teacher": "live", "sdpo_weight": 0.5,
+                                                        "sdpo_success_threshold": 0.1}),
         "kl (k3+, adaptive beta)": case(["kl"], {"kl_estimator": "k3+", "kl_target": 0.001, "kl_horizon": 10.0},
                                         beta=0.04),
         "kl-reward (adaptive beta)": case(["kl-reward"], {"kl_reward_target": 0.001, "kl_reward_horizon": 10.0},

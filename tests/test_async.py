@@ -30,13 +30,18 @@ def test_zero_staleness_equals_the_synchronous_trainer(po_trainer):
     assert _logged(worker, "async/staleness") == [0.0, 0.0, 0.0]
 
 
-def test_one_batch_ahead_samples_with_the_previous_weights(po_trainer, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_one_batch_ahead_samples_with_the_previous_weights(po_trainer, monkeypatch, lora):
     """k = 1: after the first batch every batch was sampled by the weights one optimizer step old. Its recorded
     log-probs are those weights' log-probs of the sampled tokens (recomputed here with a copy holding them), not the
-    learner's at the time it trains on them."""
+    learner's at the time it trains on them; for full fine-tuning and for a LoRA adapter."""
+    from peft import LoraConfig
+
     from po_registry.trainer import PolicyOptimizationTrainer, sampled_token_logps
 
-    trainer = po_trainer(["grpo", "rollout-correction"], max_steps=4, async_staleness=1,
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
+    trainer = po_trainer(["grpo", "rollout-correction"], max_steps=4, async_staleness=1, peft_config=peft_config,
+                         learning_rate=5e-2 if lora else 1e-2,
                          method_options={"rollout_correction_mode": "token_truncate"})
     versions = {0: _weights(trainer)}
     rollouts = []
@@ -124,3 +129,25 @@ def test_one_batch_ahead_learns_the_embedded_task(capsys, tmp_path):
     assert summary["accuracy_after"] > summary["accuracy_before"] + 0.03, summary
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["async/staleness"] for row in rows if "async/staleness" in row] == [0.0] + [1.0] * 39
+
+
+def test_an_independent_copy_computes_with_its_own_weights():
+    """TRL patches the policy's forward (its fused LM head) with a function that calls the original model: a plain
+    deep copy, its weights zeroed, still gives the original's logits. The worker's and the ema teacher's copies
+    (context.independent_copy) give their own."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from po_registry.context import independent_copy
+    from po_registry.testing import char_tokenizer, tiny_causal_lm
+
+    model = tiny_causal_lm(char_tokenizer())
+    add_fused_lm_head(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for clone, own in ((copy.deepcopy(model), False), (independent_copy(model), True)):
+        with torch.no_grad():
+            for p in clone.parameters():
+                p.zero_()
+            logits = clone(input_ids=ids).logits
+        assert (logits.abs().sum() == 0) == own
