@@ -53,6 +53,17 @@ def completion_logits(model, rows, start: int, stop: int, temperature: float) ->
     return logits[:, -width:] / temperature
 
 
+def completion_token_logps(model, rows, temperature: float, chunk: int) -> torch.Tensor:
+    """(B, T) log-probs of each row's completion tokens under ``model`` at ``temperature``, ``chunk`` rows at a time
+    (their logits span the vocabulary)."""
+    ids, parts = rows["completion_ids"], []
+    for start in range(0, ids.shape[0], chunk):
+        logits = completion_logits(model, rows, start, start + chunk, temperature)
+        parts.append(torch.log_softmax(logits.float(), -1).gather(
+            -1, ids[start: start + chunk].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(parts)
+
+
 def independent_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``model`` that computes with its own weights. TRL patches the policy's ``forward`` (its fused LM
     head) with a function that calls the original model's bound forward, and a deep copy keeps that function: the

@@ -34,7 +34,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from po_registry import CouplingWarning, hookimpl
-from po_registry.context import AuxiliaryModel, completion_logits, load_model
+from po_registry.context import AuxiliaryModel, completion_logits, completion_token_logps, load_model
 from po_registry.ops import kl_estimate, masked_mean, returns_to_go
 
 PAPER = "thinkingmachines.ai/blog/on-policy-distillation (OPD); survey section 8 (GRPO-OPD operators)"
@@ -81,17 +81,7 @@ def teachers(auxiliary, options) -> list[tuple[AuxiliaryModel, float]]:
 def teacher_token_logps(teacher: AuxiliaryModel, rows, temperature: float, chunk: int) -> torch.Tensor:
     """(B, T) a teacher's log-probs of the sampled completion tokens, a chunk of rows at a time, computed once for
     the rows' completion tensor (every stage of a micro-batch asks for the same)."""
-    ids = rows["completion_ids"]
-
-    def compute() -> torch.Tensor:
-        parts = []
-        for start in range(0, ids.shape[0], chunk):
-            logits = completion_logits(teacher, rows, start, start + chunk, temperature)
-            parts.append(torch.log_softmax(logits.float(), dim=-1).gather(
-                -1, ids[start : start + chunk].unsqueeze(-1)).squeeze(-1))
-        return torch.cat(parts)
-
-    return teacher.outputs(ids, compute)
+    return teacher.outputs(rows["completion_ids"], lambda: completion_token_logps(teacher, rows, temperature, chunk))
 
 
 def teacher_signal(auxiliary, rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options,

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from po_registry import hookimpl
-from po_registry.context import AuxiliaryModel, completion_logits, independent_copy
+from po_registry.context import AuxiliaryModel, completion_token_logps, independent_copy
 from po_registry.ops import masked_sum
 
 PAPER = "arXiv 2601.20802 (SDPO)"
@@ -62,12 +62,7 @@ def teacher_token_logps(teacher, prompt_ids: list[list[int]], completion_ids: to
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
     rows = {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": completion_ids,
             "completion_mask": completion_mask}
-    parts = []
-    for start in range(0, ids.shape[0], chunk):
-        logits = completion_logits(teacher, rows, start, start + chunk, temperature)
-        parts.append(torch.log_softmax(logits.float(), -1).gather(
-            -1, completion_ids[start: start + chunk].unsqueeze(-1)).squeeze(-1))
-    return torch.cat(parts)
+    return completion_token_logps(teacher, rows, temperature, chunk)
 
 
 class _MovingAverage(TrainerCallback):
