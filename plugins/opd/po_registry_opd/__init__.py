@@ -84,13 +84,80 @@ def teacher_token_logps(teacher: AuxiliaryModel, rows, temperature: float, chunk
     return teacher.outputs(rows["completion_ids"], lambda: completion_token_logps(teacher, rows, temperature, chunk))
 
 
+def chunk_log_ratios(student_ends: list[int], student_logps: list[float], teacher_ends: list[int],
+                     teacher_logps: list[float]) -> list[float]:
+    """Per student token, the teacher-minus-student log-probability of the text chunk it closes (0 for a token that
+    closes none). Chunks end where both tokenizations end a token (``*_ends``: each token's end offset in the text;
+    a zero-width token, like an end-of-sequence token, belongs to the chunk that ends where it stands): log P of a
+    chunk's text is the sum of its tokens' log-probs under either tokenizer."""
+    boundaries = sorted(set(student_ends) & set(teacher_ends))
+    closing = {}  # boundary -> the last student token ending there or just before it
+    student_sum, teacher_sum = {}, {}
+    for k, end in enumerate(student_ends):
+        boundary = next(b for b in boundaries if b >= end)
+        closing[boundary] = k
+        student_sum[boundary] = student_sum.get(boundary, 0.0) + student_logps[k]
+    for end, logp in zip(teacher_ends, teacher_logps):
+        boundary = next(b for b in boundaries if b >= end)
+        teacher_sum[boundary] = teacher_sum.get(boundary, 0.0) + logp
+    ratios = [0.0] * len(student_ends)
+    for boundary, k in closing.items():
+        ratios[k] = teacher_sum.get(boundary, 0.0) - student_sum[boundary]
+    return ratios
+
+
+class TextAlignedTeacher(AuxiliaryModel):
+    """A teacher with its own tokenizer: it reads the rows' text in its own tokens, and its signal is taken on the
+    text chunks where both tokenizations have a boundary (:func:`chunk_log_ratios`)."""
+
+    def __init__(self, model, tokenizer, student_tokenizer):
+        super().__init__(model)
+        self.tokenizer, self.student_tokenizer = tokenizer, student_tokenizer
+
+    def log_ratios(self, rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(B, T) the chunk log-ratios of each row's completion, on its loss tokens."""
+        if "tool_mask" in rows and (rows["tool_mask"] * rows["completion_mask"] != rows["completion_mask"]).any():
+            raise NotImplementedError("a teacher with another tokenizer cannot read multi-turn completions yet (the "
+                                      "environment's text is not the student's)")
+        ratios = torch.zeros_like(behaviour_logps)
+        for row in range(rows["completion_ids"].shape[0]):
+            tokens = rows["completion_ids"][row][rows["completion_mask"][row].bool()].tolist()
+            if not tokens:
+                continue
+            prompt = self.student_tokenizer.decode(rows["prompt_ids"][row][rows["prompt_mask"][row].bool()].tolist(),
+                                                   skip_special_tokens=True)
+            student_ends = [len(self.student_tokenizer.decode(tokens[: k + 1], skip_special_tokens=True))
+                            for k in range(len(tokens))]
+            text = self.student_tokenizer.decode(tokens, skip_special_tokens=True)
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            teacher_tokens, teacher_ends = list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
+            if tokens[-1] == self.student_tokenizer.eos_token_id and self.tokenizer.eos_token_id is not None:
+                teacher_tokens, teacher_ends = teacher_tokens + [self.tokenizer.eos_token_id], teacher_ends + [len(text)]
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
+            teacher_rows = {"prompt_ids": torch.tensor([prompt_ids]), "prompt_mask": torch.ones(1, len(prompt_ids)),
+                            "completion_ids": torch.tensor([teacher_tokens]),
+                            "completion_mask": torch.ones(1, len(teacher_tokens))}
+            teacher_rows = {key: value.to(behaviour_logps.device).long() for key, value in teacher_rows.items()}
+            with torch.no_grad():
+                teacher_logps = completion_token_logps(self.model, teacher_rows, temperature, 1)[0].tolist()
+            values = chunk_log_ratios(student_ends, behaviour_logps[row, : len(tokens)].tolist(), teacher_ends,
+                                      teacher_logps)
+            ratios[row, : len(tokens)] = torch.tensor(values, dtype=ratios.dtype, device=ratios.device)
+        return ratios * mask
+
+
 def teacher_signal(auxiliary, rows, behaviour_logps: torch.Tensor, mask: torch.Tensor, options,
                    args) -> torch.Tensor:
     """r_t = log pi_T(y_t) - log pi_old(y_t) on the loss tokens (0 elsewhere), clipped to [-c, c] when c > 0; with
     several teachers the weighted sum sum_k w_k (log pi_k(y_t) - log pi_old(y_t))."""
     chunk = teacher_chunk(options, args)
-    signal = sum(weight * (teacher_token_logps(teacher, rows, args.temperature, chunk) - behaviour_logps)
-                 for teacher, weight in teachers(auxiliary, options)) * mask
+
+    def log_ratios(teacher):
+        if isinstance(teacher, TextAlignedTeacher):
+            return teacher.log_ratios(rows, behaviour_logps, mask, args.temperature)
+        return teacher_token_logps(teacher, rows, args.temperature, chunk) - behaviour_logps
+
+    signal = sum(weight * log_ratios(teacher) for teacher, weight in teachers(auxiliary, options)) * mask
     clip = options["opd_clip"]
     return signal.clamp(-clip, clip) if clip > 0 else signal
 
@@ -186,7 +253,11 @@ class Teacher:
     """Component ``teacher``: loads the teacher and declares the options every operator shares."""
 
     @hookimpl
-    def po_check_config(self, options):
+    def po_check_config(self, options, assembly):
+        if options["opd_cross_tokenizer"] and (options["opd_divergence"] == "full" or "opd-kl" in assembly.components):
+            raise ValueError("opd_cross_tokenizer: a teacher with another tokenizer gives a signal on text chunks, "
+                             "not per token: it works with the sampled divergence of opd, opd-ratio, opd-advantage "
+                             "and opd-reward, not with opd_divergence=full or opd-kl")
         if options["opd_beta"] != 1.0 and options["opd_divergence"] != "full":
             raise ValueError(f"opd_beta={options['opd_beta']} chooses a full-vocabulary divergence (forward KL, "
                              "JSD): set opd_divergence=full (the sampled divergence is the reverse KL)")
@@ -203,6 +274,9 @@ class Teacher:
         register("opd_teacher_weights", "", type=str,
                  help="one weight > 0 per teacher, comma-separated: the signal and divergence are the weighted sums "
                       "of each teacher's; empty: equal weights summing to 1")
+        register("opd_cross_tokenizer", False, type=bool,
+                 help="allow a teacher with another tokenizer: its signal is taken on text chunks where both "
+                      "tokenizations have a boundary (the sampled divergence, not opd-kl)")
         register("opd_top_k", 0, type=int, check=lambda v: v >= 0,
                  help="the full divergence over the teacher's top-k tokens only (a teacher that sends its top-k "
                       "log-probs); 0: the whole vocabulary")
@@ -236,8 +310,15 @@ class Teacher:
             context.register_auxiliary("teacher", AuxiliaryModel(student, adapter_off=True))
             return
         for index, path in enumerate(paths):
-            context.register_auxiliary(teacher_name(index),
-                                       AuxiliaryModel(load_teacher(path, student, context.processing_class)))
+            if options["opd_cross_tokenizer"]:
+                from transformers import AutoTokenizer
+
+                student_tokenizer = getattr(context.processing_class, "tokenizer", context.processing_class)
+                teacher = TextAlignedTeacher(load_model(path, like=student), AutoTokenizer.from_pretrained(path),
+                                             student_tokenizer)
+            else:
+                teacher = AuxiliaryModel(load_teacher(path, student, context.processing_class))
+            context.register_auxiliary(teacher_name(index), teacher)
 
 
 def load_teacher(path: str, student, processing_class):
@@ -250,7 +331,8 @@ def load_teacher(path: str, student, processing_class):
     teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
     if student_vocab != teacher_vocab:
         raise ValueError(f"the teacher {path!r} has a vocabulary of {teacher_vocab} tokens and the student "
-                         f"{student_vocab}: OPD needs a teacher that shares the student's tokenizer")
+                         f"{student_vocab}: OPD needs a teacher that shares the student's tokenizer, or "
+                         "opd_cross_tokenizer=true (a signal on text chunks)")
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(path)
@@ -258,7 +340,8 @@ def load_teacher(path: str, student, processing_class):
         teacher_tokenizer = None  # no tokenizer files beside the weights: the vocabulary size was checked
     if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the teacher {path!r} has a different tokenizer from the student's (the token ids "
-                         "differ): OPD needs a teacher that shares the student's tokenizer")
+                         "differ): OPD needs a teacher that shares the student's tokenizer, or opd_cross_tokenizer=true "
+                         "(a signal on text chunks)")
     return teacher
 
 

@@ -593,3 +593,96 @@ def test_trains_with_two_teachers_on_their_top_k(po_trainer):
     trainer.train()
     assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters()))
     assert all("opd/full_jsd" in row for row in trainer.state.log_history if "loss" in row)
+
+
+# -- a teacher with another tokenizer ---------------------------------------------------------------------------------
+
+def _pair_tokenizer():
+    """The student's characters, specials in another order, and every two-digit pair as one token: "12+3=" is
+    "12", "+", "3", "="."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from po_registry.embedded import CHARACTERS, SPECIAL_TOKENS
+
+    pairs = [f"{a}{b}" for a in range(10) for b in range(10)]
+    vocab = {token: i for i, token in enumerate(pairs + list(reversed(SPECIAL_TOKENS)) + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+PAIR_TEACHER_DIR = tempfile.mkdtemp(prefix="po-opd-pair-teacher-")
+tiny_causal_lm(_pair_tokenizer(), seed=4).save_pretrained(PAIR_TEACHER_DIR)
+_pair_tokenizer().save_pretrained(PAIR_TEACHER_DIR)
+
+
+def test_chunk_log_ratios_by_hand():
+    """Text "123": student "1", "2", "3" (ends 1, 2, 3), teacher "12", "3" (ends 2, 3): chunks "12" and "3"; the
+    first chunk's ratio -2.5 - (-1 - 2) = 0.5 sits on "2", the second's -0.2 + 0.5 = 0.3 on "3". With an end-of-sequence
+    token on both sides (zero width, at 3) it joins the last chunk: -0.2 - 0.3 - (-0.5 - 0.1) = 0.1 on the student's
+    end token. Student "1", "23" against teacher "12", "3": one chunk, everything on "23"."""
+    from po_registry_opd import chunk_log_ratios
+
+    assert chunk_log_ratios([1, 2, 3], [-1.0, -2.0, -0.5], [2, 3], [-2.5, -0.2]) == pytest.approx([0.0, 0.5, 0.3])
+    assert chunk_log_ratios([1, 2, 3, 3], [-1.0, -2.0, -0.5, -0.1], [2, 3, 3], [-2.5, -0.2, -0.3]) == \
+        pytest.approx([0.0, 0.5, 0.0, 0.1])
+    assert chunk_log_ratios([1, 3], [-1.0, -2.0], [2, 3], [-1.5, -0.5]) == pytest.approx([0.0, 1.0])
+
+
+def test_a_teacher_with_the_students_own_tokenizer_gives_the_token_signal(po_reward_batch):
+    """Through the text path with the student's own tokenizer every token is its own chunk: the signal is log pi_T -
+    log pi_old token by token, as the same-tokenizer path computes it."""
+    from po_registry_opd import TextAlignedTeacher
+
+    _, batch = po_reward_batch(options=_options(), args=default_args())
+    local = dict(batch.local, tool_mask=torch.ones_like(batch.local["completion_mask"]))
+    behaviour = batch.policy_logps()
+    mask = local["completion_mask"].float()
+    aligned = TextAlignedTeacher(TEACHER_MODEL, char_tokenizer(), char_tokenizer())
+    got = aligned.log_ratios(local, behaviour, mask, temperature=1.0)
+    assert torch.allclose(got, (_teacher_logps(local) - behaviour) * mask, atol=1e-5)
+
+
+def test_a_teacher_with_another_tokenizer_scores_the_text_in_its_own_tokens(po_tiny_model_dir, po_tokenizer):
+    """Completion "12+3=" then end: the pair teacher reads "12", "+", "3", "=", end; the signal on the student's "2"
+    is log pi_T("12") - log pi_old("1") - log pi_old("2"), on "1" nothing, "+" and "3" token by token, and the end
+    token (zero width, where "=" ends) closes the chunk "=" + end on both sides."""
+    from transformers import AutoModelForCausalLM
+
+    from po_registry_opd import TextAlignedTeacher
+
+    student, teacher_tokenizer = char_tokenizer(), _pair_tokenizer()
+    teacher_model = AutoModelForCausalLM.from_pretrained(PAIR_TEACHER_DIR).eval()
+    prompt, completion = student("3+9=")["input_ids"], student("12+3=")["input_ids"] + [student.eos_token_id]
+    rows = {"prompt_ids": torch.tensor([prompt]), "prompt_mask": torch.ones(1, len(prompt), dtype=torch.long),
+            "completion_ids": torch.tensor([completion]), "completion_mask": torch.ones(1, len(completion),
+                                                                                      dtype=torch.long)}
+    behaviour = -torch.rand(1, len(completion), generator=torch.Generator().manual_seed(0)) - 0.5
+    got = TextAlignedTeacher(teacher_model, teacher_tokenizer, student).log_ratios(
+        rows, behaviour, torch.ones(1, len(completion)), temperature=1.0)[0]
+    teacher_ids = teacher_tokenizer("3+9=")["input_ids"] + teacher_tokenizer("12+3=")["input_ids"] + \
+        [teacher_tokenizer.eos_token_id]
+    assert teacher_tokenizer.convert_ids_to_tokens(teacher_ids[4:]) == ["12", "+", "3", "=", "<eos>"]
+    with torch.no_grad():
+        logps = torch.log_softmax(teacher_model(input_ids=torch.tensor([teacher_ids])).logits[0], -1)
+    t = [logps[3 + j, teacher_ids[4 + j]].item() for j in range(5)]  # position p predicts token p + 1
+    b = behaviour[0].tolist()
+    expected = [0.0, t[0] - b[0] - b[1], t[1] - b[2], t[2] - b[3], 0.0, t[3] + t[4] - b[4] - b[5]]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_cross_tokenizer_settings(po_trainer):
+    with pytest.raises(Exception, match="shares the student's tokenizer, or opd_cross_tokenizer=true"):
+        po_trainer(["opd"], {"opd_teacher": PAIR_TEACHER_DIR})
+    with pytest.raises(OptionError, match="opd_cross_tokenizer: a teacher with another tokenizer"):
+        default_args(["opd-kl"], {"opd_teacher": PAIR_TEACHER_DIR, "opd_cross_tokenizer": True})
+    with pytest.raises(OptionError, match="opd_cross_tokenizer: a teacher with another tokenizer"):
+        default_args(["opd"], {"opd_teacher": PAIR_TEACHER_DIR, "opd_cross_tokenizer": True, "opd_divergence": "full"})
+    trainer = po_trainer(["opd-advantage"], {"opd_teacher": PAIR_TEACHER_DIR, "opd_cross_tokenizer": True})
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+    assert all(row["opd/reverse_kl"] != 0 for row in trainer.state.log_history if "opd/reverse_kl" in row)
