@@ -53,15 +53,22 @@ def completion_logits(model, rows, start: int, stop: int, temperature: float) ->
     return logits[:, -width:] / temperature
 
 
-def completion_token_logps(model, rows, temperature: float, chunk: int) -> torch.Tensor:
-    """(B, T) log-probs of each row's completion tokens under ``model`` at ``temperature``, ``chunk`` rows at a time
-    (their logits span the vocabulary)."""
+def per_completion_token(model, rows, temperature: float, chunk: int,
+                         statistic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(B, T) ``statistic(log_probs, completion_ids)`` at each completion position, from ``model``'s log-softmax over
+    the vocabulary at ``temperature`` ((b, T, V) and (b, T)), ``chunk`` rows at a time (their logits span the
+    vocabulary)."""
     ids, parts = rows["completion_ids"], []
     for start in range(0, ids.shape[0], chunk):
         logits = completion_logits(model, rows, start, start + chunk, temperature)
-        parts.append(torch.log_softmax(logits.float(), -1).gather(
-            -1, ids[start: start + chunk].unsqueeze(-1)).squeeze(-1))
+        parts.append(statistic(torch.log_softmax(logits.float(), -1), ids[start: start + chunk]))
     return torch.cat(parts)
+
+
+def completion_token_logps(model, rows, temperature: float, chunk: int) -> torch.Tensor:
+    """(B, T) log-probs of each row's completion tokens under ``model`` at ``temperature``."""
+    return per_completion_token(model, rows, temperature, chunk,
+                                lambda logps, ids: logps.gather(-1, ids.unsqueeze(-1)).squeeze(-1))
 
 
 def independent_copy(model: torch.nn.Module) -> torch.nn.Module:

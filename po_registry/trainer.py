@@ -30,7 +30,7 @@ from trl.trainer.utils import pad
 
 from .batches import LossBatch, RewardBatch
 from .config import PolicyOptimizationConfig
-from .context import RunContext, completion_logits, independent_copy
+from .context import RunContext, independent_copy, per_completion_token
 from .diagnostics import Diagnostics, resolve_limits
 from .errors import CouplingWarning, OptionError
 from .pipeline import Pipeline, assemble
@@ -271,10 +271,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
                                      return_dict_in_generate=True)
         completions = out.sequences[:, padded.shape[1]:]
         logps = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
-        is_eos = torch.isin(completions, torch.tensor(self.eos_token_ids, device=completions.device))
-        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], completions.shape[1],
-                                                                              dtype=torch.long))
-        keep = torch.arange(completions.shape[1], device=completions.device) <= ends.unsqueeze(1)
+        is_eos = torch.isin(completions, torch.tensor(self.eos_token_ids, device=completions.device)).int()
+        keep = is_eos.cumsum(1) - is_eos == 0  # up to the first end-of-sequence token, itself included
         return ([c[k].tolist() for c, k in zip(completions.cpu(), keep.cpu())],
                 [l[k].tolist() for l, k in zip(logps.cpu(), keep.cpu())])
 
@@ -608,13 +606,9 @@ def sampled_token_logps(trainer: GRPOTrainer, batch: dict) -> torch.Tensor:
 def collision_probabilities(trainer: GRPOTrainer, batch: dict) -> torch.Tensor:
     """(B, T) sum_v pi(v | prefix)^2 at each completion position under the trainer's model at the sampling
     temperature, without gradient; a micro-batch of rows at a time (their logits span the vocabulary)."""
-    chunk = trainer.args.per_device_train_batch_size
-    parts = []
     with torch.no_grad(), trainer.accelerator.autocast():
-        for start in range(0, batch["completion_ids"].shape[0], chunk):
-            logits = completion_logits(trainer.model, batch, start, start + chunk, trainer.temperature)
-            parts.append(torch.softmax(logits.float(), dim=-1).square().sum(-1))
-    return torch.cat(parts)
+        return per_completion_token(trainer.model, batch, trainer.temperature, trainer.args.per_device_train_batch_size,
+                                    lambda logps, ids: logps.exp().square().sum(-1))
 
 
 def micro_batch_loss(trainer: GRPOTrainer, batch: dict, accumulation_steps: int = 1) -> torch.Tensor:
